@@ -1,0 +1,4 @@
+"""nsa-parallel: Native Sparse Attention for Megatron-core, with context parallelism."""
+from .config import NSAConfig
+
+__all__ = ["NSAConfig"]

@@ -1,0 +1,187 @@
+"""Plain PyTorch NSA, written to be read against the design brief (section 1).
+
+Every fast path is tested against these functions run in float64. They work
+in any dtype and on any device, chunk over queries so that no ``T x T`` score
+matrix is ever built, and get their gradients from autograd.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import NSAConfig
+
+QUERY_CHUNK = 128
+
+
+def expand_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``[B, S, G, D] -> [B, S, H, D]``: query head ``h`` uses KV head ``h // (H // G)``."""
+    return x.repeat_interleave(num_heads // x.shape[2], dim=2)
+
+
+def masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the last dim restricted to ``visible``; rows with nothing visible give zeros.
+
+    Returns the probabilities and the log-sum-exp (``-inf`` on empty rows). The
+    row max is detached (softmax does not depend on it), so no ``inf - inf``
+    ever reaches autograd.
+    """
+    scores = scores.masked_fill(~visible, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    unnormalised = torch.exp(scores - row_max)
+    denom = unnormalised.sum(dim=-1, keepdim=True)
+    probs = unnormalised / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return probs, (row_max + torch.log(denom)).squeeze(-1)
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``q [B, Tq, H, dk]``, ``k``/``v [B, S, G, d]``, ``visible`` broadcastable to ``[B, H, Tq, S]``."""
+    num_heads = q.shape[2]
+    scores = torch.einsum("bthd,bshd->bhts", q, expand_kv_heads(k, num_heads)) * scale
+    probs, _ = masked_softmax(scores, visible)
+    return torch.einsum("bhts,bshd->bthd", probs, expand_kv_heads(v, num_heads))
+
+
+def _query_chunks(seq_len: int):
+    for start in range(0, seq_len, QUERY_CHUNK):
+        yield start, min(start + QUERY_CHUNK, seq_len)
+
+
+def _positions(start: int, stop: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(start, stop, device=device)
+
+
+# --- 1.1 compression branch -------------------------------------------------
+
+def compressed_key_ends(num_compressed: int, config: NSAConfig, device: torch.device) -> torch.Tensor:
+    """Last token of compression block ``i``: ``i*d + l - 1``."""
+    i = torch.arange(num_compressed, device=device)
+    return i * config.compress_stride + config.compress_block_size - 1
+
+
+def compressed_attention(
+    q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, config: NSAConfig, scale: float
+) -> torch.Tensor:
+    """Query ``t`` attends to compression block ``i`` iff ``i*d + l - 1 <= t``."""
+    ends = compressed_key_ends(k_cmp.shape[1], config, q.device)
+    out = []
+    for t0, t1 in _query_chunks(q.shape[1]):
+        visible = ends[None, :] <= _positions(t0, t1, q.device)[:, None]
+        out.append(masked_attention(q[:, t0:t1], k_cmp, v_cmp, visible, scale))
+    return torch.cat(out, dim=1)
+
+
+# --- 1.2 selection branch ---------------------------------------------------
+
+def overlap_weights(num_compressed: int, num_blocks: int, config: NSAConfig, device: torch.device) -> torch.Tensor:
+    """``W[i, j] = |[i*d, i*d + l) ∩ [j*l', (j+1)*l')| / d``, shape ``[Tc, Ns]``."""
+    d, l, ls = config.compress_stride, config.compress_block_size, config.select_block_size
+    i = torch.arange(num_compressed, device=device)[:, None]
+    j = torch.arange(num_blocks, device=device)[None, :]
+    overlap = torch.minimum(i * d + l, (j + 1) * ls) - torch.maximum(i * d, j * ls)
+    return overlap.clamp(min=0) / d
+
+
+def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig, scale: float) -> torch.Tensor:
+    """Top-n selection blocks per query and KV group: ``[B, T, G, n]`` int32, ascending, ``-1`` padded.
+
+    Scores are compression probabilities mapped to selection blocks by overlap,
+    summed over the heads of the group. The initial block and the two local
+    blocks are forced; only blocks starting at or before ``t`` are eligible;
+    equal scores prefer the lower block id.
+    """
+    batch, seq_len, num_heads, _ = q.shape
+    num_groups = k_cmp.shape[2]
+    n, ls = config.num_selected_blocks, config.select_block_size
+    num_blocks = config.num_select_blocks(seq_len)
+    ends = compressed_key_ends(k_cmp.shape[1], config, q.device)
+    weights = overlap_weights(k_cmp.shape[1], num_blocks, config, q.device).to(q.dtype)
+    block_start = torch.arange(num_blocks, device=q.device) * ls
+    out = []
+    for t0, t1 in _query_chunks(seq_len):
+        t = _positions(t0, t1, q.device)
+        scores = torch.einsum("bthd,bshd->bhts", q[:, t0:t1], expand_kv_heads(k_cmp, num_heads)) * scale
+        p_cmp, _ = masked_softmax(scores, ends[None, :] <= t[:, None])
+        p_slc = p_cmp @ weights  # [B, H, Tq, Ns]
+        p_grp = p_slc.view(batch, num_groups, num_heads // num_groups, t1 - t0, num_blocks).sum(2)
+
+        own_block = (t // ls)[:, None]
+        j = torch.arange(num_blocks, device=q.device)[None, :]
+        eligible = block_start[None, :] <= t[:, None]
+        forced = (j == 0) | (j == own_block) | (j == own_block - 1)
+        key = torch.where(forced, float("inf"), p_grp)
+        key = torch.where(eligible, key, float("-inf"))
+        order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :n]
+        taken = torch.gather(key, -1, order) > float("-inf")
+        chosen = torch.where(taken, order, num_blocks)  # padding sorts last
+        chosen = torch.sort(chosen, dim=-1).values
+        chosen = torch.where(chosen == num_blocks, -1, chosen)
+        if chosen.shape[-1] < n:
+            chosen = torch.nn.functional.pad(chosen, (0, n - chosen.shape[-1]), value=-1)
+        out.append(chosen.permute(0, 2, 1, 3))
+    return torch.cat(out, dim=1).to(torch.int32).contiguous()
+
+
+def selection_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_indices: torch.Tensor,
+    config: NSAConfig,
+    scale: float,
+) -> torch.Tensor:
+    """Query ``t`` attends to keys ``s <= t`` whose block ``s // l'`` its group selected."""
+    num_heads, seq_len = q.shape[2], k.shape[1]
+    num_blocks = config.num_select_blocks(seq_len)
+    key_block = torch.arange(seq_len, device=q.device) // config.select_block_size
+    key_pos = torch.arange(seq_len, device=q.device)
+    out = []
+    for t0, t1 in _query_chunks(q.shape[1]):
+        idx = block_indices[:, t0:t1].long()  # [B, Tq, G, n]
+        picked = torch.zeros(*idx.shape[:-1], num_blocks + 1, dtype=torch.bool, device=q.device)
+        picked.scatter_(-1, torch.where(idx < 0, num_blocks, idx), True)
+        in_selected = picked[..., key_block]  # [B, Tq, G, S]
+        causal = key_pos[None, :] <= _positions(t0, t1, q.device)[:, None]  # [Tq, S]
+        visible = expand_kv_heads(in_selected, num_heads).permute(0, 2, 1, 3) & causal
+        out.append(masked_attention(q[:, t0:t1], k, v, visible, scale))
+    return torch.cat(out, dim=1)
+
+
+# --- 1.3 sliding-window branch ----------------------------------------------
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int, scale: float) -> torch.Tensor:
+    """Query ``t`` attends to keys ``max(0, t-w+1) .. t``."""
+    out = []
+    for t0, t1 in _query_chunks(q.shape[1]):
+        s0 = max(0, t0 - window_size + 1)
+        t = _positions(t0, t1, q.device)[:, None]
+        s = _positions(s0, t1, q.device)[None, :]
+        visible = (s <= t) & (s > t - window_size)
+        out.append(masked_attention(q[:, t0:t1], k[:, s0:t1], v[:, s0:t1], visible, scale))
+    return torch.cat(out, dim=1)
+
+
+# --- gated combination ------------------------------------------------------
+
+def nsa_attention(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    v_cmp: torch.Tensor,
+    k_slc: torch.Tensor,
+    v_slc: torch.Tensor,
+    k_win: torch.Tensor,
+    v_win: torch.Tensor,
+    gates: torch.Tensor,
+    config: NSAConfig,
+    scale: float,
+) -> torch.Tensor:
+    """``o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win`` with ``gates [B, T, H, 3]`` in (0, 1)."""
+    o_cmp = compressed_attention(q, k_cmp, v_cmp, config, scale)
+    with torch.no_grad():
+        block_indices = select_blocks(q, k_cmp, config, scale)
+    o_slc = selection_attention(q, k_slc, v_slc, block_indices, config, scale)
+    o_win = window_attention(q, k_win, v_win, config.window_size, scale)
+    g = gates.unsqueeze(-1)
+    return g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
