@@ -25,6 +25,8 @@ def masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.T
     row max is detached (softmax does not depend on it), so no ``inf - inf``
     ever reaches autograd.
     """
+    if scores.shape[-1] == 0:
+        return scores, scores.new_full(scores.shape[:-1], float("-inf"))
     scores = scores.masked_fill(~visible, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True).detach()
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))

@@ -1,0 +1,110 @@
+"""``NativeSparseAttention``: the full NSA layer as a plain ``torch.nn.Module`` (no Megatron needed)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from .compression import BlockCompressor
+from .config import NSAConfig
+from .rotary import apply_rotary, rotary_angles
+
+CP_LAYOUTS = ("contiguous", "zigzag")
+BRANCHES = ("cmp", "slc", "win")
+
+
+class NativeSparseAttention(nn.Module):
+    """Self-attention with NSA's compressed, selected and sliding-window branches.
+
+    Each branch has its own key/value projection (the paper's default: shared
+    K/V lets branches learn shortcuts); ``shared_kv=True`` uses one for all.
+    Rotary embeddings rotate queries and keys by global token position; a
+    compressed token is rotated by the position of its block's last token, the
+    first query that may see it. Gates are ``sigmoid(Linear(x))``, one per head
+    and branch.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        v_head_dim: int | None = None,
+        config: NSAConfig = NSAConfig(),
+        backend: ops.Backend = "auto",
+        *,
+        shared_kv: bool = False,
+        rotary_base: float = 10000.0,
+        compress_hidden_size: int | None = None,
+        bias: bool = False,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads),
+                            ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if value <= 0:
+                raise ValueError(f"{name} ({value}) must be positive")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if head_dim % 2:
+            raise ValueError(f"head_dim ({head_dim}) must be even for rotary embeddings")
+        ops.resolve_backend(backend, torch.empty(0))
+        self.config, self.backend = config, backend
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim, self.v_head_dim = head_dim, v_head_dim or head_dim
+        self.rotary_base = rotary_base
+        self.num_kv_projections = 1 if shared_kv else len(BRANCHES)
+        factory = {"device": device, "dtype": dtype}
+
+        kv_width = num_kv_heads * (self.head_dim + self.v_head_dim)
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias, **factory)
+        self.kv_proj = nn.Linear(hidden_size, self.num_kv_projections * kv_width, bias=bias, **factory)
+        self.compress_k = BlockCompressor(num_kv_heads, self.head_dim, config, compress_hidden_size, **factory)
+        self.compress_v = BlockCompressor(num_kv_heads, self.v_head_dim, config, compress_hidden_size, **factory)
+        self.gate_proj = nn.Linear(hidden_size, num_heads * len(BRANCHES), bias=True, **factory)
+        self.o_proj = nn.Linear(num_heads * self.v_head_dim, hidden_size, bias=bias, **factory)
+
+    def _branch_kv(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values per branch, each ``[B, T, G, dim]``."""
+        batch, seq = x.shape[:2]
+        kv = self.kv_proj(x).view(batch, seq, self.num_kv_projections, self.num_kv_heads,
+                                  self.head_dim + self.v_head_dim)
+        pairs = [(kv[:, :, i, :, : self.head_dim], kv[:, :, i, :, self.head_dim:])
+                 for i in range(self.num_kv_projections)]
+        return pairs * (len(BRANCHES) // self.num_kv_projections)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        cp_group: "torch.distributed.ProcessGroup | None" = None,
+        cp_layout: str = "contiguous",
+    ) -> torch.Tensor:
+        """``x [B, T, hidden] -> [B, T, hidden]``."""
+        if cp_layout not in CP_LAYOUTS:
+            raise ValueError(f"cp_layout ({cp_layout!r}) must be one of {CP_LAYOUTS}")
+        if cp_group is not None:
+            raise NotImplementedError("context parallelism (cp_group) is not implemented yet")
+        if x.dim() != 3:
+            raise ValueError(f"x must be [batch, seq, hidden], got shape {tuple(x.shape)}")
+        batch, seq = x.shape[:2]
+        cfg = self.config
+
+        positions = torch.arange(seq, device=x.device)
+        cos, sin = rotary_angles(positions, self.head_dim, self.rotary_base)
+        q = apply_rotary(self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim), cos, sin)
+        (k_raw, v_raw), (k_slc, v_slc), (k_win, v_win) = self._branch_kv(x)
+
+        k_cmp, v_cmp = self.compress_k(k_raw), self.compress_v(v_raw)
+        block_ends = torch.arange(k_cmp.shape[1], device=x.device) * cfg.compress_stride + cfg.compress_block_size - 1
+        k_cmp = apply_rotary(k_cmp, *(t for t in rotary_angles(block_ends, self.head_dim, self.rotary_base)))
+        k_slc, k_win = apply_rotary(k_slc, cos, sin), apply_rotary(k_win, cos, sin)
+
+        gates = torch.sigmoid(self.gate_proj(x)).view(batch, seq, self.num_heads, len(BRANCHES))
+        out = ops.nsa_attention(
+            q, k_cmp.contiguous(), v_cmp.contiguous(), k_slc.contiguous(), v_slc.contiguous(),
+            k_win.contiguous(), v_win.contiguous(), gates, cfg, backend=self.backend,
+        )
+        return self.o_proj(out.reshape(batch, seq, self.num_heads * self.v_head_dim))

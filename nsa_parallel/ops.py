@@ -1,0 +1,214 @@
+"""Public NSA ops: shape checks, then the float64-capable reference or the Triton kernels.
+
+Layout is ``[batch, seq, heads, dim]``; query head ``h`` uses KV head
+``h // (H // G)``; ``scale`` defaults to ``1/sqrt(dk)``. ``backend="auto"``
+runs Triton on CUDA tensors and the reference otherwise.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from . import reference
+from .config import NSAConfig
+
+Backend = Literal["auto", "reference", "triton"]
+BACKENDS = ("auto", "reference", "triton")
+
+
+def resolve_backend(backend: str, like: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend ({backend!r}) must be one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if like.is_cuda else "reference"
+    return backend
+
+
+def _check_rank4(**tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [batch, seq, heads, dim], got shape {tuple(t.shape)}")
+
+
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: tuple[str, str] = ("k", "v")) -> None:
+    """Validates ``q [B, T, H, dk]`` against ``k [B, S, G, dk]`` and ``v [B, S, G, dv]``."""
+    kn, vn = names
+    _check_rank4(q=q, **{kn: k, vn: v})
+    for name, t in ((kn, k), (vn, v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} dtype ({t.dtype}) must equal q dtype ({q.dtype})")
+        if t.device != q.device:
+            raise ValueError(f"{name} device ({t.device}) must equal q device ({q.device})")
+        if t.shape[0] != q.shape[0]:
+            raise ValueError(f"{name} batch ({t.shape[0]}) must equal q batch ({q.shape[0]})")
+    if k.shape[1:3] != v.shape[1:3]:
+        raise ValueError(f"{kn} and {vn} must have the same seq and heads, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"{kn} head dim ({k.shape[3]}) must equal q head dim ({q.shape[3]})")
+    heads, groups = q.shape[2], k.shape[2]
+    if groups == 0 or heads % groups:
+        raise ValueError(f"query heads ({heads}) must be a multiple of KV heads ({groups})")
+
+
+def _check_full_length(q: torch.Tensor, k: torch.Tensor, name: str = "k") -> None:
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"{name} length ({k.shape[1]}) must equal q length ({q.shape[1]})")
+
+
+def _check_compressed_length(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig) -> None:
+    expected = config.num_compressed(q.shape[1])
+    if k_cmp.shape[1] != expected:
+        raise ValueError(
+            f"k_cmp has {k_cmp.shape[1]} compressed tokens; a sequence of {q.shape[1]} tokens with "
+            f"compress_block_size {config.compress_block_size} and compress_stride "
+            f"{config.compress_stride} has {expected}"
+        )
+
+
+def _scale(q: torch.Tensor, scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def compressed_attention(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    v_cmp: torch.Tensor,
+    config: NSAConfig,
+    scale: float | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Attention over compression blocks wholly in the past; ``[B, T, H, dv]``."""
+    return _compressed_attention_with_lse(q, k_cmp, v_cmp, config, scale, backend)[0]
+
+
+def _compressed_attention_with_lse(q, k_cmp, v_cmp, config, scale, backend):
+    check_attention_inputs(q, k_cmp, v_cmp, ("k_cmp", "v_cmp"))
+    _check_compressed_length(q, k_cmp, config)
+    scale = _scale(q, scale)
+    if resolve_backend(backend, q) == "reference":
+        return reference.compressed_attention(q, k_cmp, v_cmp, config, scale), None
+    from nsa_kernels.banded_attention import banded_attention
+
+    return banded_attention(
+        q, k_cmp, v_cmp,
+        key_stride=config.compress_stride, key_offset=config.compress_block_size - 1, window=None, scale=scale,
+    )
+
+
+def select_blocks(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    config: NSAConfig,
+    scale: float | None = None,
+    backend: Backend = "auto",
+    lse: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Top-n selection block ids per query and KV group: int32 ``[B, T, G, n]``, ascending, ``-1`` padded.
+
+    ``lse`` (``[B, H, T]`` float32, from the compression branch) saves the
+    Triton backend one pass; the reference recomputes it.
+    """
+    _check_rank4(q=q, k_cmp=k_cmp)
+    check_attention_inputs(q, k_cmp, k_cmp, ("k_cmp", "k_cmp"))
+    _check_compressed_length(q, k_cmp, config)
+    scale = _scale(q, scale)
+    with torch.no_grad():
+        if resolve_backend(backend, q) == "reference":
+            return reference.select_blocks(q, k_cmp, config, scale)
+        from nsa_kernels.block_selection import select_blocks as select_blocks_kernel
+
+        if lse is None:
+            _, lse = _compressed_attention_with_lse(q, k_cmp, k_cmp, config, scale, "triton")
+        return select_blocks_kernel(
+            q, k_cmp, lse,
+            compress_block_size=config.compress_block_size, compress_stride=config.compress_stride,
+            select_block_size=config.select_block_size, num_selected=config.num_selected_blocks, scale=scale,
+        )
+
+
+def selection_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_indices: torch.Tensor,
+    config: NSAConfig,
+    scale: float | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Attention over the selected blocks of each query's group (causal inside the own block)."""
+    check_attention_inputs(q, k, v)
+    _check_full_length(q, k)
+    expected = (q.shape[0], q.shape[1], k.shape[2])
+    if block_indices.dim() != 4 or tuple(block_indices.shape[:3]) != expected:
+        raise ValueError(f"block_indices must be [B, T, G, n] = [{', '.join(map(str, expected))}, n], "
+                         f"got shape {tuple(block_indices.shape)}")
+    if block_indices.dtype.is_floating_point:
+        raise ValueError(f"block_indices must be an integer tensor, got {block_indices.dtype}")
+    scale = _scale(q, scale)
+    if resolve_backend(backend, q) == "reference":
+        return reference.selection_attention(q, k, v, block_indices, config, scale)
+    from nsa_kernels.selection_attention import selection_attention as selection_attention_kernel
+
+    return selection_attention_kernel(
+        q, k, v, block_indices.to(torch.int32), select_block_size=config.select_block_size, scale=scale
+    )
+
+
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window_size: int,
+    scale: float | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Sliding-window causal attention: query ``t`` sees keys ``max(0, t-w+1) .. t``."""
+    check_attention_inputs(q, k, v)
+    _check_full_length(q, k)
+    if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size <= 0:
+        raise ValueError(f"window_size ({window_size!r}) must be a positive integer")
+    scale = _scale(q, scale)
+    if resolve_backend(backend, q) == "reference":
+        return reference.window_attention(q, k, v, window_size, scale)
+    from nsa_kernels.banded_attention import banded_attention
+
+    return banded_attention(q, k, v, key_stride=1, key_offset=0, window=window_size, scale=scale)[0]
+
+
+def nsa_attention(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    v_cmp: torch.Tensor,
+    k_slc: torch.Tensor,
+    v_slc: torch.Tensor,
+    k_win: torch.Tensor,
+    v_win: torch.Tensor,
+    gates: torch.Tensor,
+    config: NSAConfig,
+    scale: float | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """The three gated branches: ``g_cmp*o_cmp + g_slc*o_slc + g_win*o_win``.
+
+    ``gates`` is ``[B, T, H, 3]`` after the sigmoid (order: compressed, selected,
+    window). Block selection reuses the compression branch's log-sum-exp.
+    """
+    check_attention_inputs(q, k_slc, v_slc, ("k_slc", "v_slc"))
+    check_attention_inputs(q, k_win, v_win, ("k_win", "v_win"))
+    _check_full_length(q, k_slc, "k_slc")
+    _check_full_length(q, k_win, "k_win")
+    if tuple(gates.shape) != (*q.shape[:3], 3):
+        raise ValueError(f"gates must be [B, T, H, 3] = {(*q.shape[:3], 3)}, got {tuple(gates.shape)}")
+    scale = _scale(q, scale)
+    if resolve_backend(backend, q) == "reference":
+        check_attention_inputs(q, k_cmp, v_cmp, ("k_cmp", "v_cmp"))
+        _check_compressed_length(q, k_cmp, config)
+        return reference.nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, config, scale)
+    o_cmp, lse = _compressed_attention_with_lse(q, k_cmp, v_cmp, config, scale, "triton")
+    block_indices = select_blocks(q.detach(), k_cmp.detach(), config, scale, "triton", lse=lse)
+    o_slc = selection_attention(q, k_slc, v_slc, block_indices, config, scale, "triton")
+    o_win = window_attention(q, k_win, v_win, config.window_size, scale, "triton")
+    g = gates.unsqueeze(-1).to(o_cmp.dtype)
+    return g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
