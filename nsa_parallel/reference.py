@@ -86,21 +86,14 @@ def overlap_weights(num_compressed: int, num_blocks: int, config: NSAConfig, dev
     return overlap.clamp(min=0) / d
 
 
-def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig, scale: float) -> torch.Tensor:
-    """Top-n selection blocks per query and KV group: ``[B, T, G, n]`` int32, ascending, ``-1`` padded.
-
-    Scores are compression probabilities mapped to selection blocks by overlap,
-    summed over the heads of the group. The initial block and the two local
-    blocks are forced; only blocks starting at or before ``t`` are eligible;
-    equal scores prefer the lower block id.
-    """
+def selection_scores(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig, scale: float) -> torch.Tensor:
+    """``p_grp[b, t, g, j]``: compression probabilities mapped to selection blocks by overlap,
+    summed over the heads of group ``g``; ``[B, T, G, Ns]``."""
     batch, seq_len, num_heads, _ = q.shape
     num_groups = k_cmp.shape[2]
-    n, ls = config.num_selected_blocks, config.select_block_size
     num_blocks = config.num_select_blocks(seq_len)
     ends = compressed_key_ends(k_cmp.shape[1], config, q.device)
     weights = overlap_weights(k_cmp.shape[1], num_blocks, config, q.device).to(q.dtype)
-    block_start = torch.arange(num_blocks, device=q.device) * ls
     out = []
     for t0, t1 in _query_chunks(seq_len):
         t = _positions(t0, t1, q.device)
@@ -108,22 +101,42 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig, scale
         p_cmp, _ = masked_softmax(scores, ends[None, :] <= t[:, None])
         p_slc = p_cmp @ weights  # [B, H, Tq, Ns]
         p_grp = p_slc.view(batch, num_groups, num_heads // num_groups, t1 - t0, num_blocks).sum(2)
+        out.append(p_grp.permute(0, 2, 1, 3))
+    return torch.cat(out, dim=1)
 
-        own_block = (t // ls)[:, None]
-        j = torch.arange(num_blocks, device=q.device)[None, :]
-        eligible = block_start[None, :] <= t[:, None]
-        forced = (j == 0) | (j == own_block) | (j == own_block - 1)
-        key = torch.where(forced, float("inf"), p_grp)
-        key = torch.where(eligible, key, float("-inf"))
-        order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :n]
-        taken = torch.gather(key, -1, order) > float("-inf")
-        chosen = torch.where(taken, order, num_blocks)  # padding sorts last
-        chosen = torch.sort(chosen, dim=-1).values
-        chosen = torch.where(chosen == num_blocks, -1, chosen)
-        if chosen.shape[-1] < n:
-            chosen = torch.nn.functional.pad(chosen, (0, n - chosen.shape[-1]), value=-1)
-        out.append(chosen.permute(0, 2, 1, 3))
-    return torch.cat(out, dim=1).to(torch.int32).contiguous()
+
+def selection_keys(scores: torch.Tensor, config: NSAConfig) -> torch.Tensor:
+    """Ranking keys: ``+inf`` for the forced initial and two local blocks, ``-inf`` for blocks
+    starting after the query, the score otherwise."""
+    ls = config.select_block_size
+    t = torch.arange(scores.shape[1], device=scores.device)[:, None, None]
+    j = torch.arange(scores.shape[3], device=scores.device)
+    own_block = t // ls
+    forced = (j == 0) | (j == own_block) | (j == own_block - 1)
+    key = torch.where(forced, float("inf"), scores)
+    return torch.where(j * ls <= t, key, float("-inf"))
+
+
+def top_blocks(scores: torch.Tensor, config: NSAConfig) -> torch.Tensor:
+    """The ``n`` chosen blocks per row of ``scores [B, T, G, Ns]``: int32, ascending, ``-1`` padded.
+
+    Forced blocks always win, ineligible ones never; equal scores prefer the lower block id.
+    """
+    n, num_blocks = config.num_selected_blocks, scores.shape[3]
+    key = selection_keys(scores, config)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :n]
+    taken = torch.gather(key, -1, order) > float("-inf")
+    chosen = torch.where(taken, order, num_blocks)  # padding sorts last
+    chosen = torch.sort(chosen, dim=-1).values
+    chosen = torch.where(chosen == num_blocks, -1, chosen)
+    if chosen.shape[-1] < n:
+        chosen = torch.nn.functional.pad(chosen, (0, n - chosen.shape[-1]), value=-1)
+    return chosen.to(torch.int32).contiguous()
+
+
+def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig, scale: float) -> torch.Tensor:
+    """Top-n selection block ids per query and KV group: ``[B, T, G, n]`` int32, ascending, ``-1`` padded."""
+    return top_blocks(selection_scores(q, k_cmp, config, scale), config)
 
 
 def selection_attention(
