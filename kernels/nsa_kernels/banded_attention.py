@@ -36,8 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+# Kernels may read globals only when they are constexpr.
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -67,11 +68,11 @@ def _fwd_tile(
     key_idx = start_n + offs_n
     in_range = key_idx < S
     k = tl.load(
-        k_base + start_n.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_dk[None, :],
+        k_base + tl.cast(start_n, tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_dk[None, :],
         mask=in_range[:, None] & (offs_dk < HEAD_DK)[None, :], other=0.0,
     )
     v = tl.load(
-        v_base + start_n.to(tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_dv[None, :],
+        v_base + tl.cast(start_n, tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_dv[None, :],
         mask=in_range[:, None] & (offs_dv < HEAD_DV)[None, :], other=0.0,
     )
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -210,11 +211,11 @@ def _dq_tile(
     key_idx = start_n + offs_n
     in_range = key_idx < S
     k = tl.load(
-        k_base + start_n.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_dk[None, :],
+        k_base + tl.cast(start_n, tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_dk[None, :],
         mask=in_range[:, None] & (offs_dk < HEAD_DK)[None, :], other=0.0,
     )
     v = tl.load(
-        v_base + start_n.to(tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_dv[None, :],
+        v_base + tl.cast(start_n, tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_dv[None, :],
         mask=in_range[:, None] & (offs_dv < HEAD_DV)[None, :], other=0.0,
     )
     p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
@@ -296,11 +297,11 @@ def _dkdv_tile(
     t = start_m + offs_m
     row_ok = t < T
     q = tl.load(
-        q_base + start_m.to(tl.int64) * stride_qt + offs_m[:, None] * stride_qt + offs_dk[None, :],
+        q_base + tl.cast(start_m, tl.int64) * stride_qt + offs_m[:, None] * stride_qt + offs_dk[None, :],
         mask=row_ok[:, None] & (offs_dk < HEAD_DK)[None, :], other=0.0,
     )
     do = tl.load(
-        do_base + start_m.to(tl.int64) * stride_ot + offs_m[:, None] * stride_ot + offs_dv[None, :],
+        do_base + tl.cast(start_m, tl.int64) * stride_ot + offs_m[:, None] * stride_ot + offs_dv[None, :],
         mask=row_ok[:, None] & (offs_dv < HEAD_DV)[None, :], other=0.0,
     )
     lse2, delta = _load_row_stats(LSE, DELTA, row_base, t, T)
@@ -476,7 +477,7 @@ def _forward(q, k, v, p: _Launch) -> tuple[torch.Tensor, torch.Tensor]:
     grid = (triton.cdiv(p.seq_len, tiles.m), p.num_heads, p.batch)
     _fwd_kernel[grid](
         q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        *p.scalars(), p.scale * _LOG2E, **p.constexprs(tiles, q.dtype),
+        *p.scalars(), p.scale * _LOG2E.value, **p.constexprs(tiles, q.dtype),
     )
     return o, lse
 
@@ -495,12 +496,12 @@ def _backward(q, k, v, o, lse, do, p: _Launch) -> tuple[torch.Tensor, torch.Tens
     tiles = p.tiles("dkdv", q.dtype)
     _dkdv_kernel[(triton.cdiv(p.num_keys, tiles.n), p.num_heads // p.group, p.batch)](
         q, k, v, do, dk, dv, lse, delta, *strides,
-        *p.scalars(), p.scale, p.scale * _LOG2E, **p.constexprs(tiles, q.dtype),
+        *p.scalars(), p.scale, p.scale * _LOG2E.value, **p.constexprs(tiles, q.dtype),
     )
     tiles = p.tiles("dq", q.dtype)
     _dq_kernel[(triton.cdiv(p.seq_len, tiles.m), p.num_heads, p.batch)](
         q, k, v, do, dq, lse, delta, *strides,
-        *p.scalars(), p.scale, p.scale * _LOG2E, **p.constexprs(tiles, q.dtype),
+        *p.scalars(), p.scale, p.scale * _LOG2E.value, **p.constexprs(tiles, q.dtype),
     )
     return dq, dk, dv
 

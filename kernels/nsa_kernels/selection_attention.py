@@ -51,17 +51,16 @@ BACKWARD_CHUNK_ROWS = 4096
 @triton.jit
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr,
-    T, H, G, heads_per_group, num_selected, scale,
+    T, H, G, heads_per_group, head_chunks, num_selected, scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, DK_P: tl.constexpr, DV_P: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    num_head_chunks = tl.cdiv(heads_per_group, BLOCK_H)
-    g = tl.program_id(1) // num_head_chunks
+    g = tl.program_id(1) // head_chunks
     b = tl.program_id(2).to(tl.int64)
 
-    h = (tl.program_id(1) % num_head_chunks) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h = (tl.program_id(1) % head_chunks) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = h < heads_per_group
     head = g * heads_per_group + h
     offs_dk = tl.arange(0, DK_P)
@@ -72,15 +71,15 @@ def _fwd_kernel(
 
     qk_scale = scale * LOG2E  # scores in log2 units: exp2 instead of exp
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max, log2 units
-    l = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, DV_P], tl.float32)
+    l = tl.full([BLOCK_H], 0.0, tl.float32)
+    acc = tl.full([BLOCK_H, DV_P], 0.0, tl.float32)
     idx_row = idx_ptr + ((b * T + t) * G + g) * num_selected
     for i in range(num_selected):
         j = tl.load(idx_row + i).to(tl.int64)
-        # Unused (-1) and future blocks become fully masked steps.
-        used = (j >= 0) & (j * BLOCK_SIZE <= t)
+        # Unused (-1: negative positions) and future blocks become fully masked
+        # steps; kpos <= t is also the causal mask inside t's block, and t < T.
         kpos = j * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        kv_ok = used & (kpos <= t)  # causal inside the block of t; kpos <= t < T
+        kv_ok = (kpos >= 0) & (kpos <= t)
         kv_row = (b * T + kpos) * G + g
         k = tl.load(k_ptr + kv_row[:, None] * DK + offs_dk[None, :],
                     mask=kv_ok[:, None] & (offs_dk < DK)[None, :], other=0.0)
@@ -108,17 +107,16 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    T, H, G, heads_per_group, num_selected, scale,
+    T, H, G, heads_per_group, head_chunks, num_selected, scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, DK_P: tl.constexpr, DV_P: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    num_head_chunks = tl.cdiv(heads_per_group, BLOCK_H)
-    g = tl.program_id(1) // num_head_chunks
+    g = tl.program_id(1) // head_chunks
     b = tl.program_id(2).to(tl.int64)
 
-    h = (tl.program_id(1) % num_head_chunks) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h = (tl.program_id(1) % head_chunks) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = h < heads_per_group
     head = g * heads_per_group + h
     offs_dk = tl.arange(0, DK_P)
@@ -134,13 +132,12 @@ def _bwd_dq_kernel(
     lse2 = tl.load(lse_ptr + (b * H + head) * T + t, mask=h_ok, other=0.0) * LOG2E
 
     qk_scale = scale * LOG2E
-    dq = tl.zeros([BLOCK_H, DK_P], tl.float32)
+    dq = tl.full([BLOCK_H, DK_P], 0.0, tl.float32)
     idx_row = idx_ptr + ((b * T + t) * G + g) * num_selected
     for i in range(num_selected):
         j = tl.load(idx_row + i).to(tl.int64)
-        used = (j >= 0) & (j * BLOCK_SIZE <= t)
         kpos = j * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        kv_ok = used & (kpos <= t)
+        kv_ok = (kpos >= 0) & (kpos <= t)
         kv_row = (b * T + kpos) * G + g
         k = tl.load(k_ptr + kv_row[:, None] * DK + offs_dk[None, :],
                     mask=kv_ok[:, None] & (offs_dk < DK)[None, :], other=0.0)
@@ -186,8 +183,8 @@ def _bwd_dkdv_kernel(
     k = tl.load(k_ptr + kv_row[:, None] * DK + offs_dk[None, :], mask=dk_mask, other=0.0)
     v = tl.load(v_ptr + kv_row[:, None] * DV + offs_dv[None, :], mask=dv_mask, other=0.0)
 
-    dk = tl.zeros([BLOCK_SIZE, DK_P], tl.float32)
-    dv = tl.zeros([BLOCK_SIZE, DV_P], tl.float32)
+    dk = tl.full([BLOCK_SIZE, DK_P], 0.0, tl.float32)
+    dv = tl.full([BLOCK_SIZE, DV_P], 0.0, tl.float32)
     qk_scale = scale * LOG2E
     offs_r = tl.arange(0, ROWS)
     # Flat (query of the chunk, head of the group) rows, ROWS at a time.
@@ -281,7 +278,7 @@ class _SelectionAttention(torch.autograd.Function):
         lse = torch.empty(batch, num_heads, seq_len, device=q.device, dtype=torch.float32)
         _fwd_kernel[(seq_len, groups * head_chunks, batch)](
             q, k, v, block_indices, o, lse,
-            seq_len, num_heads, groups, hpg, n, scale,
+            seq_len, num_heads, groups, hpg, head_chunks, n, scale,
             BLOCK_SIZE=block_size, BLOCK_H=block_h,
             DK=dk, DV=dv, DK_P=_pow2(dk), DV_P=_pow2(dv), PRECISION=precision,
             num_warps=4, num_stages=2,
@@ -306,7 +303,7 @@ class _SelectionAttention(torch.autograd.Function):
         delta = torch.empty_like(lse)
         _bwd_dq_kernel[(seq_len, groups * head_chunks, batch)](
             q, k, v, block_indices, o, do, lse, delta, dq,
-            seq_len, num_heads, groups, hpg, n, scale,
+            seq_len, num_heads, groups, hpg, head_chunks, n, scale,
             BLOCK_SIZE=block_size, BLOCK_H=block_h,
             DK=dk, DV=dv, DK_P=dk_p, DV_P=dv_p, PRECISION=precision,
             num_warps=4, num_stages=2,

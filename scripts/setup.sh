@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Creates .venv (reusing a torch already installed system-wide, e.g. a CUDA build) and installs
+# nsa-parallel into it with its test extra. Sourced by the run and test scripts.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv --system-site-packages .venv
+fi
+# shellcheck disable=SC1091
+source .venv/bin/activate
+if ! python -c "import torch" 2>/dev/null; then
+  # An exact CPU-compatible release: a bare "torch" may resolve to a multi-GB CUDA build.
+  python -m pip install -q "torch==2.13.0"
+fi
+python -m pip install -q -e ".[test]"

@@ -1,0 +1,170 @@
+"""nsa_kernels.banded_attention against the float64 reference (forward, lse, dQ/dK/dV)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import DEVICE, KERNEL_DTYPES, assert_close
+
+from nsa_kernels import banded_attention as banded_module
+from nsa_kernels.banded_attention import banded_attention
+from nsa_parallel import reference
+from nsa_parallel.config import NSAConfig
+
+L, D = 32, 16  # compression block size and stride of the compressed branch
+
+
+@dataclass(frozen=True)
+class Case:
+    branch: str  # "compressed", "window" or "generic" (own stride / offset)
+    batch: int
+    seq_len: int
+    heads: int
+    groups: int
+    dk: int
+    dv: int
+    key_stride: int = 1
+    key_offset: int = 0
+    window: int | None = None
+
+    @property
+    def num_keys(self) -> int:
+        if self.branch == "compressed":
+            return NSAConfig(compress_block_size=L, compress_stride=D).num_compressed(self.seq_len)
+        if self.branch == "window":
+            return self.seq_len
+        return max(self.seq_len - self.key_offset + self.key_stride - 1, 0) // self.key_stride
+
+    @property
+    def layout(self) -> dict:
+        if self.branch == "compressed":
+            return dict(key_stride=D, key_offset=L - 1, window=None)
+        if self.branch == "window":
+            return dict(key_stride=1, key_offset=0, window=self.window)
+        return dict(key_stride=self.key_stride, key_offset=self.key_offset, window=self.window)
+
+
+CASES = {
+    "compressed-group2": Case("compressed", 1, 200, 4, 2, 64, 64),
+    "compressed-dk192-dv128": Case("compressed", 1, 100, 2, 1, 192, 128),
+    "compressed-one-token-B2": Case("compressed", 2, 40, 2, 2, 64, 64),
+    "window-B2-group1-dk64-dv128": Case("window", 2, 150, 2, 2, 64, 128, window=100),
+    "window-larger-than-T-group4": Case("window", 1, 70, 4, 1, 64, 64, window=512),
+    "window-group16": Case("window", 1, 45, 16, 1, 64, 64, window=24),
+    "window-T1": Case("window", 1, 1, 2, 1, 64, 64, window=512),
+    "stride2-offset3-dk128-dv64": Case("generic", 1, 150, 2, 2, 128, 64, key_stride=2, key_offset=3),
+}
+
+
+def _inputs(case: Case, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=DEVICE, dtype=dtype)
+
+    q = randn(case.batch, case.seq_len, case.heads, case.dk)
+    k = randn(case.batch, case.num_keys, case.groups, case.dk)
+    v = randn(case.batch, case.num_keys, case.groups, case.dv)
+    do = randn(case.batch, case.seq_len, case.heads, case.dv)
+    return q, k, v, do
+
+
+def _visible(case: Case) -> torch.Tensor:
+    layout = case.layout
+    t = torch.arange(case.seq_len, device=DEVICE)[:, None]
+    pos = (torch.arange(case.num_keys, device=DEVICE) * layout["key_stride"] + layout["key_offset"])[None, :]
+    visible = pos <= t
+    if layout["window"] is not None:
+        visible &= pos > t - layout["window"]
+    return visible
+
+
+def _reference(case: Case, q, k, v, scale: float) -> torch.Tensor:
+    """The branch's own reference function where there is one, else masked attention."""
+    if case.branch == "compressed":
+        return reference.compressed_attention(q, k, v, NSAConfig(compress_block_size=L, compress_stride=D), scale)
+    if case.branch == "window":
+        return reference.window_attention(q, k, v, case.window, scale)
+    return reference.masked_attention(q, k, v, _visible(case), scale)
+
+
+def _reference_lse(case: Case, q, k, scale: float) -> torch.Tensor:
+    scores = torch.einsum("bthd,bshd->bhts", q, reference.expand_kv_heads(k, case.heads)) * scale
+    return reference.masked_softmax(scores, _visible(case))[1]
+
+
+def _check(case: Case, dtype: torch.dtype) -> None:
+    q, k, v, do = _inputs(case, dtype)
+    scale = case.dk**-0.5
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o, lse = banded_attention(*leaves, scale=scale, **case.layout)
+    o.backward(do)
+
+    ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    ref_o = _reference(case, *ref_leaves, scale)
+    ref_o.backward(do.double())
+
+    assert o.dtype == dtype and o.shape == (case.batch, case.seq_len, case.heads, case.dv)
+    assert_close(o, ref_o, dtype, "o")
+    for name, leaf, ref_leaf in zip("qkv", leaves, ref_leaves):
+        assert_close(leaf.grad, ref_leaf.grad, dtype, f"d{name}")
+
+    ref_lse = _reference_lse(case, *ref_leaves[:2], scale)
+    assert lse.dtype == torch.float32 and lse.shape == (case.batch, case.heads, case.seq_len)
+    assert not lse.requires_grad
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), empty), "-inf exactly on rows that see nothing"
+    assert_close(lse[~empty], ref_lse[~empty], dtype, "lse")
+    assert (o.permute(0, 2, 1, 3)[empty] == 0).all(), "rows that see nothing give 0"
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(name: str, dtype: torch.dtype) -> None:
+    _check(CASES[name], dtype)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_no_compressed_token_gives_zeros(dtype: torch.dtype) -> None:
+    """T < l: no compression block is complete, so S = 0."""
+    case = Case("compressed", 2, L - 3, 4, 2, 64, 64)
+    q, k, v, do = _inputs(case, dtype)
+    assert k.shape[1] == 0
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o, lse = banded_attention(*leaves, scale=case.dk**-0.5, **case.layout)
+    o.backward(do)
+    assert (o == 0).all() and torch.isneginf(lse).all()
+    for leaf in leaves:
+        assert leaf.grad.shape == leaf.shape and (leaf.grad == 0).all()
+
+
+@pytest.mark.parametrize(
+    "tiles", [banded_module._Tiles(16, 32, 4, 1), banded_module._Tiles(64, 64, 4, 1)], ids=["m16-n32", "m64-n64"]
+)
+@pytest.mark.parametrize("name", ["window-B2-group1-dk64-dv128", "stride2-offset3-dk128-dv64"])
+def test_tile_sizes_do_not_change_results(name: str, tiles, monkeypatch) -> None:
+    if DEVICE.type == "cuda":
+        pytest.skip("tile override applies to the interpreter only")
+    monkeypatch.setattr(banded_module, "_INTERPRETER_TILES", tiles)
+    _check(CASES[name], torch.float32)
+
+
+@pytest.mark.parametrize(
+    "seq_len,key_stride,key_offset,window",
+    [(130, 1, 0, 31), (130, 1, 0, 33), (130, 1, 0, 63), (130, 1, 0, 64), (130, 2, 0, 31),
+     (130, 3, 5, 40), (130, 5, 2, 64), (130, 15, 0, None), (64, 33, 0, None), (130, 16, 31, 48)],
+)
+def test_band_edges_on_tile_edges(seq_len: int, key_stride: int, key_offset: int, window: int | None) -> None:
+    """Bands whose edges fall on and beside tile edges (interpreter tiles: 32 queries x 16 keys)."""
+    _check(Case("generic", 1, seq_len, 2, 1, 64, 64, key_stride, key_offset, window), torch.float32)
+
+
+def test_rejects_bad_arguments() -> None:
+    q = torch.zeros(1, 8, 4, 64, device=DEVICE)
+    k = torch.zeros(1, 8, 3, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple"):
+        banded_attention(q, k, k, key_stride=1, key_offset=0, window=None, scale=1.0)
+    k = torch.zeros(1, 8, 2, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="window"):
+        banded_attention(q, k, k, key_stride=1, key_offset=0, window=0, scale=1.0)
