@@ -402,9 +402,9 @@ _INTERPRETER_TILES = _Tiles(m=32, n=16, num_warps=4, num_stages=1)
 
 def _gpu_tiles(kernel: str, dtype: torch.dtype, block_d: int) -> _Tiles:
     """H100 tiles by kernel, element size and padded head dim (the larger of dk, dv)."""
-    if dtype == torch.float32:  # IEEE fp32 dots: a correctness path, sized for shared memory
-        return _Tiles(32, 32, 4, 2)
     wide = block_d > 128
+    if dtype == torch.float32:  # IEEE fp32 dots: a correctness path, sized for shared memory
+        return _Tiles(32, 32, 4, 1 if wide else 2)
     if kernel == "fwd":
         return _Tiles(64, 64, 4, 2) if wide else _Tiles(128, 64, 8, 3)
     if kernel == "dq":
@@ -469,10 +469,12 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
 
 
 def _forward(q, k, v, p: _Launch) -> tuple[torch.Tensor, torch.Tensor]:
-    o = q.new_zeros(p.batch, p.seq_len, p.num_heads, p.head_dv)
-    lse = torch.full((p.batch, p.num_heads, p.seq_len), float("-inf"), dtype=torch.float32, device=q.device)
+    o_shape, lse_shape = (p.batch, p.seq_len, p.num_heads, p.head_dv), (p.batch, p.num_heads, p.seq_len)
     if p.num_keys == 0:
-        return o, lse
+        return q.new_zeros(o_shape), torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device)
+    # The kernel writes every row, so no memset.
+    o = q.new_empty(o_shape)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     tiles = p.tiles("fwd", q.dtype)
     grid = (triton.cdiv(p.seq_len, tiles.m), p.num_heads, p.batch)
     _fwd_kernel[grid](
@@ -483,9 +485,9 @@ def _forward(q, k, v, p: _Launch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _backward(q, k, v, o, lse, do, p: _Launch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if p.num_keys == 0:
-        return dq, dk, dv
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(o))
     delta = torch.empty_like(lse)
     block_m = 64
