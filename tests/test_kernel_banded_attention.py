@@ -1,16 +1,19 @@
 """nsa_kernels.banded_attention against the float64 reference (forward, lse, dQ/dK/dV)."""
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import pytest
 import torch
 from conftest import DEVICE, KERNEL_DTYPES, assert_close
 
-from nsa_kernels import banded_attention as banded_module
 from nsa_kernels.banded_attention import banded_attention
 from nsa_parallel import reference
 from nsa_parallel.config import NSAConfig
+
+# The module itself (the package may re-export the function under the same name).
+banded_module = importlib.import_module("nsa_kernels.banded_attention")
 
 L, D = 32, 16  # compression block size and stride of the compressed branch
 
@@ -48,7 +51,7 @@ class Case:
 CASES = {
     "compressed-group2": Case("compressed", 1, 200, 4, 2, 64, 64),
     "compressed-dk192-dv128": Case("compressed", 1, 100, 2, 1, 192, 128),
-    "compressed-one-token-B2": Case("compressed", 2, 40, 2, 2, 64, 64),
+    "compressed-two-tokens-B2": Case("compressed", 2, 50, 2, 2, 64, 64),
     "window-B2-group1-dk64-dv128": Case("window", 2, 150, 2, 2, 64, 128, window=100),
     "window-larger-than-T-group4": Case("window", 1, 70, 4, 1, 64, 64, window=512),
     "window-group16": Case("window", 1, 45, 16, 1, 64, 64, window=24),

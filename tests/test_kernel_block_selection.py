@@ -8,6 +8,7 @@ from nsa_parallel.config import NSAConfig
 from nsa_kernels import block_selection
 from nsa_kernels.block_selection import select_blocks
 
+
 def _inputs(cfg, batch, seq_len, heads, groups, head_dim, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     num_cmp = cfg.num_compressed(seq_len)

@@ -280,7 +280,9 @@ def _dq_kernel(
             HEAD_DK, HEAD_DV, BLOCK_N, BLOCK_DK, BLOCK_DV, True, PRECISION)
 
     dq_base = DQ + b * stride_qb + h * stride_qh + m0.to(tl.int64) * stride_qt
-    tl.store(dq_base + offs_m[:, None] * stride_qt + offs_dk[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(
+        dq_base + offs_m[:, None] * stride_qt + offs_dk[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask,
+    )
 
 
 @triton.jit
@@ -338,8 +340,9 @@ def _dkdv_kernel(
     key_ok = (n0 + offs_n) < S
     k_mask = key_ok[:, None] & (offs_dk < HEAD_DK)[None, :]
     v_mask = key_ok[:, None] & (offs_dv < HEAD_DV)[None, :]
-    k_offs = b * stride_kb + g * stride_kh + n0.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_dk[None, :]
-    v_offs = b * stride_vb + g * stride_vh + n0.to(tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_dv[None, :]
+    n0_64 = n0.to(tl.int64)
+    k_offs = b * stride_kb + g * stride_kh + n0_64 * stride_kt + offs_n[:, None] * stride_kt + offs_dk[None, :]
+    v_offs = b * stride_vb + g * stride_vh + n0_64 * stride_vt + offs_n[:, None] * stride_vt + offs_dv[None, :]
     k = tl.load(K + k_offs, mask=k_mask, other=0.0)
     v = tl.load(V + v_offs, mask=v_mask, other=0.0)
     key_pos = (n0 + offs_n) * key_stride + key_offset
@@ -455,7 +458,7 @@ class _Launch:
     def scalars(self) -> tuple:
         return (self.seq_len, self.num_keys, self.num_heads, self.key_stride, self.key_offset, self.window)
 
-    def constexprs(self, tiles: _Tiles, dtype: torch.dtype) -> dict:
+    def kernel_kwargs(self, tiles: _Tiles, dtype: torch.dtype) -> dict:
         return dict(
             GROUP=self.group, HEAD_DK=self.head_dk, HEAD_DV=self.head_dv,
             BLOCK_M=tiles.m, BLOCK_N=tiles.n, BLOCK_DK=self.block_dk, BLOCK_DV=self.block_dv,
@@ -479,7 +482,7 @@ def _forward(q, k, v, p: _Launch) -> tuple[torch.Tensor, torch.Tensor]:
     grid = (triton.cdiv(p.seq_len, tiles.m), p.num_heads, p.batch)
     _fwd_kernel[grid](
         q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        *p.scalars(), p.scale * _LOG2E.value, **p.constexprs(tiles, q.dtype),
+        *p.scalars(), p.scale * _LOG2E.value, **p.kernel_kwargs(tiles, q.dtype),
     )
     return o, lse
 
@@ -498,12 +501,12 @@ def _backward(q, k, v, o, lse, do, p: _Launch) -> tuple[torch.Tensor, torch.Tens
     tiles = p.tiles("dkdv", q.dtype)
     _dkdv_kernel[(triton.cdiv(p.num_keys, tiles.n), p.num_heads // p.group, p.batch)](
         q, k, v, do, dk, dv, lse, delta, *strides,
-        *p.scalars(), p.scale, p.scale * _LOG2E.value, **p.constexprs(tiles, q.dtype),
+        *p.scalars(), p.scale, p.scale * _LOG2E.value, **p.kernel_kwargs(tiles, q.dtype),
     )
     tiles = p.tiles("dq", q.dtype)
     _dq_kernel[(triton.cdiv(p.seq_len, tiles.m), p.num_heads, p.batch)](
         q, k, v, do, dq, lse, delta, *strides,
-        *p.scalars(), p.scale, p.scale * _LOG2E.value, **p.constexprs(tiles, q.dtype),
+        *p.scalars(), p.scale, p.scale * _LOG2E.value, **p.kernel_kwargs(tiles, q.dtype),
     )
     return dq, dk, dv
 

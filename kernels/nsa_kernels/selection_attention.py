@@ -14,7 +14,7 @@ Why it is shaped so (design brief, section 2):
   float32, ``exp2``). K/V traffic, the real cost, is one load per selected
   block. ``tl.dot`` needs at least 16 rows on Hopper, so when ``H/G < 16`` the
   head rows are padded to 16 with masked (zero) queries: it wastes tensor-core
-  rows, not memory traffic. Groups wider than 64 heads are split over a grid
+  rows, not memory traffic. Groups wider than 32 heads are split over a grid
   axis. Position is grid axis 0 so that neighbouring queries, which share most
   blocks, run together and hit L2. The loop over the ``n`` entries has no
   branch (unused entries are masked loads), so the compiler can pipeline it.
@@ -32,7 +32,13 @@ Why it is shaped so (design brief, section 2):
   are combined by one float32 ``atomic_add`` per element per chunk into
   float32 buffers (cast to the input dtype at the end). The summation order
   of the few chunks of a block is therefore not deterministic; per-(query,
-  block) atomics are avoided.
+  block) atomics are avoided. With wide heads (``dk`` or ``dv`` 192, padded to
+  256) a block's keys are split over two programs so dK/dV fit in registers.
+
+Tiles and warps were chosen so the sm_90 build (16-bit inputs, d <= 128) does
+not spill registers; they are not tuned on hardware. float32 inputs use IEEE
+dots (no tensor cores): a correctness path, not a fast one. Offsets are int64
+so long sequences do not overflow.
 """
 from __future__ import annotations
 
@@ -158,7 +164,7 @@ def _bwd_dq_kernel(
 def _bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, query_ptr, chunk_ptr, dk_ptr, dv_ptr,
     T, H, G, heads_per_group, num_blocks, scale,
-    BLOCK_SIZE: tl.constexpr, HPG_P: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HPG_P: tl.constexpr, ROWS: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, DK_P: tl.constexpr, DV_P: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -175,7 +181,8 @@ def _bwd_dkdv_kernel(
 
     offs_dk = tl.arange(0, DK_P)
     offs_dv = tl.arange(0, DV_P)
-    kpos = j * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    # Wide heads split the block's keys over grid axis 1 (BLOCK_N < BLOCK_SIZE) to fit registers.
+    kpos = j * BLOCK_SIZE + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = kpos < T  # the last block may be partial
     kv_row = (b * T + kpos) * G + g
     dk_mask = k_ok[:, None] & (offs_dk < DK)[None, :]
@@ -183,8 +190,8 @@ def _bwd_dkdv_kernel(
     k = tl.load(k_ptr + kv_row[:, None] * DK + offs_dk[None, :], mask=dk_mask, other=0.0)
     v = tl.load(v_ptr + kv_row[:, None] * DV + offs_dv[None, :], mask=dv_mask, other=0.0)
 
-    dk = tl.full([BLOCK_SIZE, DK_P], 0.0, tl.float32)
-    dv = tl.full([BLOCK_SIZE, DV_P], 0.0, tl.float32)
+    dk = tl.full([BLOCK_N, DK_P], 0.0, tl.float32)
+    dv = tl.full([BLOCK_N, DV_P], 0.0, tl.float32)
     qk_scale = scale * LOG2E
     offs_r = tl.arange(0, ROWS)
     # Flat (query of the chunk, head of the group) rows, ROWS at a time.
@@ -220,7 +227,9 @@ def _pow2(x: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(x))
 
 
-def _reverse_index(block_indices: torch.Tensor, block_size: int, chunk_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _reverse_index(
+    block_indices: torch.Tensor, block_size: int, chunk_queries: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries per selected block, cut into chunks.
 
     Returns ``queries`` (int32: for each segment ``(b, g, j)`` in turn, the
@@ -260,9 +269,17 @@ def _reverse_index(block_indices: torch.Tensor, block_size: int, chunk_queries: 
 
 
 def _group_tiles(heads_per_group: int) -> tuple[int, int]:
-    """Head rows per forward/dQ program (>= 16 for tl.dot) and the number of head chunks."""
-    block_h = min(_pow2(heads_per_group), 64)
+    """Head rows per forward/dQ program (>= 16 for tl.dot; <= 32 keeps the sm_90 build spill-free
+    at d = 128) and the number of head chunks a wider group is split into."""
+    block_h = min(_pow2(heads_per_group), 32)
     return block_h, triton.cdiv(heads_per_group, block_h)
+
+
+def _dkdv_keys_per_program(block_size: int, dk_p: int, dv_p: int) -> int:
+    """Keys of a block per dK/dV program: float32 dK, dV [keys, d] must fit in registers (8 warps,
+    32 gathered rows a step; sm_90 build). Wide heads (192 -> 256) take half a 64-key block, at the
+    price of gathering Q / dO twice."""
+    return block_size if dk_p + dv_p <= 256 else min(block_size, 32)
 
 
 class _SelectionAttention(torch.autograd.Function):
@@ -281,7 +298,7 @@ class _SelectionAttention(torch.autograd.Function):
             seq_len, num_heads, groups, hpg, head_chunks, n, scale,
             BLOCK_SIZE=block_size, BLOCK_H=block_h,
             DK=dk, DV=dv, DK_P=_pow2(dk), DV_P=_pow2(dv), PRECISION=precision,
-            num_warps=4, num_stages=2,
+            num_warps=8, num_stages=2,
         )
         ctx.save_for_backward(q, k, v, block_indices, o, lse)
         ctx.block_size, ctx.scale = block_size, scale
@@ -306,18 +323,18 @@ class _SelectionAttention(torch.autograd.Function):
             seq_len, num_heads, groups, hpg, head_chunks, n, scale,
             BLOCK_SIZE=block_size, BLOCK_H=block_h,
             DK=dk, DV=dv, DK_P=dk_p, DV_P=dv_p, PRECISION=precision,
-            num_warps=4, num_stages=2,
+            num_warps=8, num_stages=2,
         )
 
         hpg_p = triton.next_power_of_2(hpg)
         queries, table = _reverse_index(block_indices, block_size, max(1, BACKWARD_CHUNK_ROWS // hpg_p))
         dk_acc = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
         dv_acc = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
-        wide = dk_p + dv_p > 256
-        _bwd_dkdv_kernel[(table.shape[0],)](
+        block_n = _dkdv_keys_per_program(block_size, dk_p, dv_p)
+        _bwd_dkdv_kernel[(table.shape[0], block_size // block_n)](
             q, k, v, do, lse, delta, queries, table, dk_acc, dv_acc,
             seq_len, num_heads, groups, hpg, triton.cdiv(seq_len, block_size), scale,
-            BLOCK_SIZE=block_size, HPG_P=hpg_p, ROWS=32 if wide else 64,
+            BLOCK_SIZE=block_size, BLOCK_N=block_n, HPG_P=hpg_p, ROWS=32,
             DK=dk, DV=dv, DK_P=dk_p, DV_P=dv_p, PRECISION=precision,
             num_warps=8, num_stages=2,
         )
