@@ -1,6 +1,5 @@
-"""Triton kernels for Native Sparse Attention. They know nothing of Megatron or ranks."""
-from .banded_attention import banded_attention
-from .block_selection import select_blocks
-from .selection_attention import selection_attention
+"""Triton kernels for Native Sparse Attention. They know nothing of Megatron or ranks.
 
-__all__ = ["banded_attention", "select_blocks", "selection_attention"]
+Each op is a module named after it: ``banded_attention`` (compressed and sliding-window
+branches), ``block_selection`` and ``selection_attention``; see docs/KERNELS.md.
+"""
