@@ -24,7 +24,7 @@ gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device; run on the dev
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``||out - ref|| / ||ref||`` computed in float64."""
-    out, ref = out.double(), ref.double()
+    out, ref = out.detach().cpu().double(), ref.detach().cpu().double()
     assert torch.isfinite(out).all(), "non-finite values"
     denom = ref.norm().item()
     return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
