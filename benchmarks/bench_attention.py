@@ -54,25 +54,35 @@ def forward_backward(run, inputs):
     return fb
 
 
-def component_times(cfg, q, kv, gate_logits, compress_k, compress_v) -> dict[str, float]:
-    """Forward time of each NSA stage, to see where the time goes."""
+def component_times(cfg, q, kv, gate_logits, compress_k, compress_v) -> dict[str, tuple[float, float]]:
+    """(forward, forward+backward) ms of each NSA stage, to see where the time goes."""
+    from nsa_kernels.banded_attention import banded_attention
+    from nsa_kernels.gated_combine import gated_combine
+
     k_raw, v_raw, k_slc, v_slc, k_win, v_win = kv
+    scale = q.shape[-1] ** -0.5
     with torch.no_grad():
         k_cmp, v_cmp = compress_k(k_raw), compress_v(v_raw)
-        from nsa_kernels.banded_attention import banded_attention
-        scale = q.shape[-1] ** -0.5
         _, lse = banded_attention(q, k_cmp, v_cmp, key_stride=cfg.compress_stride,
                                   key_offset=cfg.compress_block_size - 1, window=None, scale=scale)
         idx = ops.select_blocks(q, k_cmp, cfg, lse=lse)
-        return {
-            "phi (k and v)": bench(lambda: (compress_k(k_raw), compress_v(v_raw))),
-            "compressed attn": bench(lambda: banded_attention(
-                q, k_cmp, v_cmp, key_stride=cfg.compress_stride, key_offset=cfg.compress_block_size - 1,
-                window=None, scale=scale)),
-            "select blocks": bench(lambda: ops.select_blocks(q, k_cmp, cfg, lse=lse)),
-            "selection attn": bench(lambda: ops.selection_attention(q, k_slc, v_slc, idx, cfg)),
-            "window attn": bench(lambda: ops.window_attention(q, k_win, v_win, cfg.window_size)),
-        }
+        outs = [torch.randn_like(q) for _ in range(3)]
+    k_cmp, v_cmp = (x.detach().requires_grad_() for x in (k_cmp, v_cmp))
+    outs = [o.requires_grad_() for o in outs]
+    gates = torch.sigmoid(gate_logits).detach().requires_grad_()
+    stages = {
+        "phi (k and v)": (lambda: compress_k(k_raw) + compress_v(v_raw),
+                          [k_raw, v_raw, *compress_k.parameters(), *compress_v.parameters()]),
+        "compressed attn": (lambda: banded_attention(q, k_cmp, v_cmp, key_stride=cfg.compress_stride,
+                                                     key_offset=cfg.compress_block_size - 1, window=None,
+                                                     scale=scale)[0], [q, k_cmp, v_cmp]),
+        "selection attn": (lambda: ops.selection_attention(q, k_slc, v_slc, idx, cfg), [q, k_slc, v_slc]),
+        "window attn": (lambda: ops.window_attention(q, k_win, v_win, cfg.window_size), [q, k_win, v_win]),
+        "gated combine": (lambda: gated_combine(*outs, gates), [*outs, gates]),
+    }
+    times = {name: (bench(run), bench(forward_backward(run, inputs))) for name, (run, inputs) in stages.items()}
+    times["select blocks"] = (bench(lambda: ops.select_blocks(q, k_cmp, cfg, lse=lse)), float("nan"))
+    return times
 
 
 def main() -> None:
@@ -119,13 +129,14 @@ def main() -> None:
         best_fb = min(x for x in (row["flash_fb"], row["cudnn_fb"]) if x == x)
         row["speedup_fwd"], row["speedup_fb"] = best_fwd / row["nsa_fwd"], best_fb / row["nsa_fb"]
         if args.components:
-            row["components_fwd"] = component_times(cfg, q, kv, gate_logits, compress_k, compress_v)
+            row["components"] = component_times(cfg, q, kv, gate_logits, compress_k, compress_v)
         info["rows"].append(row)
         print(f"| {t // 1024}k | {row['flash_fwd']:.2f} | {row['cudnn_fwd']:.2f} | {row['nsa_fwd']:.2f} | "
               f"{row['speedup_fwd']:.2f}x | {row['flash_fb']:.2f} | {row['cudnn_fb']:.2f} | {row['nsa_fb']:.2f} | "
               f"{row['speedup_fb']:.2f}x |", flush=True)
         if args.components:
-            print("  stages (fwd ms): " + ", ".join(f"{k} {v:.2f}" for k, v in row["components_fwd"].items()), flush=True)
+            print("  stages (fwd / fwd+bwd ms): " + ", ".join(
+                f"{k} {f:.2f} / {fb:.2f}" for k, (f, fb) in row["components"].items()), flush=True)
         del q, kv, gate_logits, qs, ks, vs
         torch.cuda.empty_cache()
     if args.json:

@@ -210,5 +210,6 @@ def nsa_attention(
     block_indices = select_blocks(q.detach(), k_cmp.detach(), config, scale, "triton", lse=lse)
     o_slc = selection_attention(q, k_slc, v_slc, block_indices, config, scale, "triton")
     o_win = window_attention(q, k_win, v_win, config.window_size, scale, "triton")
-    g = gates.unsqueeze(-1).to(o_cmp.dtype)
-    return g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
+    from nsa_kernels.gated_combine import gated_combine
+
+    return gated_combine(o_cmp, o_slc, o_win, gates)

@@ -53,6 +53,12 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 # split into chunks of this size; tests lower it to exercise the split.
 BACKWARD_CHUNK_ROWS = 4096
 
+# Launch settings for sm_90 with 16-bit inputs; benchmarks/tune_selection.py sweeps them.
+FWD_LAUNCH = {"num_warps": 8, "num_stages": 2}
+DQ_LAUNCH = {"num_warps": 8, "num_stages": 2}
+DKDV_LAUNCH = {"num_warps": 8, "num_stages": 2}
+DKDV_ROWS = 32  # gathered (query, head) rows per dK/dV step
+
 
 @triton.jit
 def _fwd_kernel(
@@ -298,7 +304,7 @@ class _SelectionAttention(torch.autograd.Function):
             seq_len, num_heads, groups, hpg, head_chunks, n, scale,
             BLOCK_SIZE=block_size, BLOCK_H=block_h,
             DK=dk, DV=dv, DK_P=_pow2(dk), DV_P=_pow2(dv), PRECISION=precision,
-            num_warps=8, num_stages=2,
+            **FWD_LAUNCH,
         )
         ctx.save_for_backward(q, k, v, block_indices, o, lse)
         ctx.block_size, ctx.scale = block_size, scale
@@ -323,7 +329,7 @@ class _SelectionAttention(torch.autograd.Function):
             seq_len, num_heads, groups, hpg, head_chunks, n, scale,
             BLOCK_SIZE=block_size, BLOCK_H=block_h,
             DK=dk, DV=dv, DK_P=dk_p, DV_P=dv_p, PRECISION=precision,
-            num_warps=8, num_stages=2,
+            **DQ_LAUNCH,
         )
 
         hpg_p = triton.next_power_of_2(hpg)
@@ -334,9 +340,9 @@ class _SelectionAttention(torch.autograd.Function):
         _bwd_dkdv_kernel[(table.shape[0], block_size // block_n)](
             q, k, v, do, lse, delta, queries, table, dk_acc, dv_acc,
             seq_len, num_heads, groups, hpg, triton.cdiv(seq_len, block_size), scale,
-            BLOCK_SIZE=block_size, BLOCK_N=block_n, HPG_P=hpg_p, ROWS=32,
+            BLOCK_SIZE=block_size, BLOCK_N=block_n, HPG_P=hpg_p, ROWS=DKDV_ROWS,
             DK=dk, DV=dv, DK_P=dk_p, DV_P=dv_p, PRECISION=precision,
-            num_warps=8, num_stages=2,
+            **DKDV_LAUNCH,
         )
         return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype), None, None, None
 
