@@ -55,6 +55,7 @@ CASES = {
     "window-B2-group1-dk64-dv128": Case("window", 2, 150, 2, 2, 64, 128, window=100),
     "window-larger-than-T-group4": Case("window", 1, 70, 4, 1, 64, 64, window=512),
     "window-group16": Case("window", 1, 45, 16, 1, 64, 64, window=24),
+    "window-B2-group2": Case("window", 2, 100, 4, 2, 64, 64, window=40),
     "window-T1": Case("window", 1, 1, 2, 1, 64, 64, window=512),
     "stride2-offset3-dk128-dv64": Case("generic", 1, 150, 2, 2, 128, 64, key_stride=2, key_offset=3),
 }
@@ -151,6 +152,24 @@ def test_tile_sizes_do_not_change_results(name: str, tiles, monkeypatch) -> None
         pytest.skip("tile override applies to the interpreter only")
     monkeypatch.setattr(banded_module, "_INTERPRETER_TILES", tiles)
     _check(CASES[name], torch.float32)
+
+
+@pytest.mark.parametrize("splits", [3, 8])
+@pytest.mark.parametrize("name", ["compressed-group2", "window-B2-group1-dk64-dv128", "window-group16"])
+def test_dkdv_splits_do_not_change_results(name: str, splits: int, monkeypatch) -> None:
+    """dK/dV from key tiles cut into any number of slices, including more slices than edge tiles."""
+    monkeypatch.setattr(banded_module, "_dkdv_splits", lambda *args: splits)
+    _check(CASES[name], torch.float32)
+
+
+def test_dkdv_splits_follow_the_work() -> None:
+    """H100 shape (132 SMs, 64 x 64 dK/dV tiles, T=64k, 4 KV heads of 16 query heads): the
+    compressed branch's key tiles, the first seen by every query, are split; the sliding
+    window's small uniform ones are not."""
+    t = 65536
+    shape = dict(group=16, units=4, block_m=64, block_n=64, num_sms=132)
+    assert banded_module._dkdv_splits(t, (t - L) // D + 1, D, L - 1, t, **shape) >= 4
+    assert banded_module._dkdv_splits(t, t, 1, 0, 512, **shape) == 1
 
 
 @pytest.mark.parametrize(

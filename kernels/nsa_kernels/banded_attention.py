@@ -12,15 +12,23 @@ Why the kernels are shaped as they are:
   tile of queries sees one contiguous key range and a tile of keys is seen by one
   contiguous query range. Every kernel computes its range with integer arithmetic
   and visits only those tiles: work follows the band, not ``T x S``.
-- Each range is walked in three loops: tiles straddling its lower edge, tiles fully
-  inside (visible to every row of the tile, so they skip the per-element mask), and
-  tiles straddling its upper edge.
-- FlashAttention-2 structure: the forward (one program per query tile, head, batch)
-  keeps an online softmax in base 2 with float32 accumulators and stores ``o`` and
-  the natural-log ``lse``. The backward computes ``delta = rowsum(dO * O)``, then dK/dV
-  with one program per (key tile, KV head, batch) that loops over the heads of its
-  group and the query tiles that see the tile, so dK/dV accumulate in registers
-  without atomics, and dQ with one program per (query tile, head, batch).
+- Each range is walked in two loops: tiles fully inside it (visible to every row of the
+  tile, so they skip the per-element mask), then the masked tiles straddling either edge
+  as one loop. Two loops, not three: under a window the loops are short and each one
+  starts its load pipeline afresh.
+- FlashAttention-2 structure: the forward (one program per query tile and batch) keeps an
+  online softmax in base 2 with float32 accumulators and stores ``o`` and the natural-log
+  ``lse``. A query tile stacks heads of one group where a window cuts the band (2 heads
+  x 64 positions see fewer keys than 128 positions) and runs from the last positions
+  down (without a window those see the most keys). The backward computes
+  ``delta = rowsum(dO * O)``, then dK/dV with programs per (key tile, batch, KV head) that
+  walk the heads of the group times the query tiles that see the key tile as flat
+  loops, so dK/dV accumulate in registers without atomics, then dQ like the forward.
+- Without a window the first key tiles are seen by every later query, so one dK/dV
+  program per key tile is badly unbalanced (at T=64k, 16 heads: ~16k (head, query tile)
+  pairs for the first, ~250 for the last). The grid runs key tiles first to last, so
+  the longest programs start first, and splits such key tiles into slices of the flat
+  loops, each writing a float32 partial dK/dV summed afterwards (deterministic).
 - Rows that see no key (compressed attention before the first full block) keep a zero
   softmax denominator: their output is 0 and ``lse = -inf``. The backward reads their
   ``lse`` as ``+inf``, so every probability and hence every gradient is exactly 0.
@@ -29,6 +37,7 @@ Why the kernels are shaped as they are:
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -90,20 +99,51 @@ def _fwd_tile(
 
 
 @triton.jit
-def _query_tile_key_ranges(m0, T, S, key_stride, key_offset, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key-tile loop bounds of query tile ``[m0, m0 + BLOCK_M)``.
+def _tile_ranges(lo, full_lo, full_hi, hi, BLOCK: tl.constexpr):
+    """Cuts ``[lo, hi)`` into tiles of ``BLOCK`` from ``lo``; items in ``[full_lo, full_hi)`` need no mask.
 
-    Returns ``lo, mid_start, mid_end, hi``: masked tiles start in ``[lo, mid_start)`` and
-    ``[mid_end, hi)``; tiles starting in ``[mid_start, mid_end)`` are visible to every row.
+    Returns ``mid_start, n_full, n_lo, n_edge``: the ``n_full`` tiles from ``mid_start`` lie in
+    ``[full_lo, full_hi)``; ``_edge_start`` enumerates the ``n_edge`` others, ``n_lo`` of them
+    below ``mid_start``.
     """
-    t_max = tl.minimum(m0 + BLOCK_M, T) - 1
+    mid_start = lo + tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK) * BLOCK
+    n_full = tl.maximum(full_hi - mid_start, 0) // BLOCK
+    n_lo = (mid_start - lo) // BLOCK
+    n_hi = tl.cdiv(tl.maximum(hi - mid_start - n_full * BLOCK, 0), BLOCK)
+    return mid_start, n_full, n_lo, n_lo + n_hi
+
+
+@triton.jit
+def _edge_start(i, lo, n_lo, n_full, BLOCK: tl.constexpr):
+    """Start of edge tile ``i``: the ``n_lo`` tiles from ``lo``, then those past the ``n_full`` inner ones."""
+    return lo + (i + (i >= n_lo).to(tl.int32) * n_full) * BLOCK
+
+
+@triton.jit
+def _query_tile(T, H, HEADS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's query tile: ``HEADS`` heads of one group at ``BLOCK_M // HEADS`` positions.
+
+    Row ``r`` is position ``m0 + r // HEADS`` of head ``h0 + r % HEADS``; returns ``m0, h0``,
+    the rows' positions and head offsets. Tiles run from the last positions down, so without
+    a window (where later rows see more keys) the longest programs start first.
+    """
+    units = H // HEADS
+    pid = tl.program_id(0)
+    m0 = (tl.cdiv(T, BLOCK_M // HEADS) - 1 - pid // units) * (BLOCK_M // HEADS)
+    offs_m = tl.arange(0, BLOCK_M)
+    return m0, pid % units * HEADS, m0 + offs_m // HEADS, offs_m % HEADS
+
+
+@triton.jit
+def _key_tiles(m0, T, S, key_stride, key_offset, window, QUERIES: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``lo`` and ``_tile_ranges`` of the keys seen by positions ``[m0, m0 + QUERIES)``."""
+    t_max = tl.minimum(m0 + QUERIES, T) - 1
     lo = _num_keys_upto(m0 - window, key_stride, key_offset)
     hi = tl.minimum(_num_keys_upto(t_max, key_stride, key_offset), S)
     full_lo = tl.minimum(_num_keys_upto(t_max - window, key_stride, key_offset), hi)
     full_hi = tl.minimum(_num_keys_upto(m0, key_stride, key_offset), S)
-    mid_start = lo + tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK_N) * BLOCK_N
-    mid_end = mid_start + tl.maximum(full_hi - mid_start, 0) // BLOCK_N * BLOCK_N
-    return lo, mid_start, mid_end, hi
+    mid_start, n_full, n_lo, n_edge = _tile_ranges(lo, full_lo, full_hi, hi, BLOCK_N)
+    return lo, mid_start, n_full, n_lo, n_edge
 
 
 @triton.jit
@@ -114,23 +154,20 @@ def _fwd_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     T, S, H, key_stride, key_offset, window, qk_scale,
-    GROUP: tl.constexpr, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
+    GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    m0 = tl.program_id(0) * BLOCK_M
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    g = h // GROUP
-    offs_m = tl.arange(0, BLOCK_M)
+    m0, h0, t, dh = _query_tile(T, H, HEADS, BLOCK_M)
+    b = tl.program_id(1).to(tl.int64)
+    g = h0 // GROUP
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    t = m0 + offs_m
     row_ok = t < T
 
-    q_base = Q + b * stride_qb + h * stride_qh + m0.to(tl.int64) * stride_qt
+    q_base = Q + b * stride_qb + h0 * stride_qh + m0.to(tl.int64) * stride_qt
     q = tl.load(
-        q_base + offs_m[:, None] * stride_qt + offs_dk[None, :],
+        q_base + ((t - m0) * stride_qt + dh * stride_qh)[:, None] + offs_dk[None, :],
         mask=row_ok[:, None] & (offs_dk < HEAD_DK)[None, :], other=0.0,
     )
     k_base = K + b * stride_kb + g * stride_kh
@@ -139,34 +176,28 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    lo, mid_start, mid_end, hi = _query_tile_key_ranges(
-        m0, T, S, key_stride, key_offset, window, BLOCK_M, BLOCK_N)
-    for start_n in range(lo, mid_start, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(
-            acc, m_i, l_i, q, t, k_base, v_base, start_n, S, stride_kt, stride_vt,
-            key_stride, key_offset, window, qk_scale,
-            HEAD_DK, HEAD_DV, BLOCK_N, BLOCK_DK, BLOCK_DV, True, PRECISION)
-    for start_n in range(mid_start, mid_end, BLOCK_N):
+    lo, mid_start, n_full, n_lo, n_edge = _key_tiles(
+        m0, T, S, key_stride, key_offset, window, BLOCK_M // HEADS, BLOCK_N)
+    for start_n in range(mid_start, mid_start + n_full * BLOCK_N, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(
             acc, m_i, l_i, q, t, k_base, v_base, start_n, S, stride_kt, stride_vt,
             key_stride, key_offset, window, qk_scale,
             HEAD_DK, HEAD_DV, BLOCK_N, BLOCK_DK, BLOCK_DV, False, PRECISION)
-    for start_n in range(mid_end, hi, BLOCK_N):
+    for i in range(n_edge):
         acc, m_i, l_i = _fwd_tile(
-            acc, m_i, l_i, q, t, k_base, v_base, start_n, S, stride_kt, stride_vt,
-            key_stride, key_offset, window, qk_scale,
+            acc, m_i, l_i, q, t, k_base, v_base, _edge_start(i, lo, n_lo, n_full, BLOCK_N), S,
+            stride_kt, stride_vt, key_stride, key_offset, window, qk_scale,
             HEAD_DK, HEAD_DV, BLOCK_N, BLOCK_DK, BLOCK_DV, True, PRECISION)
 
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * _LN2, float("-inf"))
-    o_base = O + b * stride_ob + h * stride_oh + m0.to(tl.int64) * stride_ot
+    o_base = O + b * stride_ob + h0 * stride_oh + m0.to(tl.int64) * stride_ot
     tl.store(
-        o_base + offs_m[:, None] * stride_ot + offs_dv[None, :], o.to(O.dtype.element_ty),
+        o_base + ((t - m0) * stride_ot + dh * stride_oh)[:, None] + offs_dv[None, :], o.to(O.dtype.element_ty),
         mask=row_ok[:, None] & (offs_dv < HEAD_DV)[None, :],
     )
-    lse_base = LSE + (b * H + h) * T + m0
-    tl.store(lse_base + offs_m, lse, mask=row_ok)
+    tl.store(LSE + (b * H + h0) * T + dh.to(tl.int64) * T + t, lse, mask=row_ok)
 
 
 @triton.jit
@@ -188,12 +219,11 @@ def _delta_kernel(
 
 
 @triton.jit
-def _load_row_stats(LSE, DELTA, row_base, t, T):
+def _load_row_stats(LSE, DELTA, rows, row_ok):
     """``lse`` in base 2 with empty and out-of-range rows as ``+inf`` (so ``p = 0``), and ``delta``."""
-    row_ok = t < T
-    lse = tl.load(LSE + row_base + t, mask=row_ok, other=float("inf"))
+    lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-    delta = tl.load(DELTA + row_base + t, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
     return lse2, delta
 
 
@@ -234,55 +264,46 @@ def _dq_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     T, S, H, key_stride, key_offset, window, scale, qk_scale,
-    GROUP: tl.constexpr, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
+    GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    m0 = tl.program_id(0) * BLOCK_M
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    g = h // GROUP
-    offs_m = tl.arange(0, BLOCK_M)
+    m0, h0, t, dh = _query_tile(T, H, HEADS, BLOCK_M)
+    b = tl.program_id(1).to(tl.int64)
+    g = h0 // GROUP
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    t = m0 + offs_m
     row_ok = t < T
+    q_offs = ((t - m0) * stride_qt + dh * stride_qh)[:, None] + offs_dk[None, :]
     q_mask = row_ok[:, None] & (offs_dk < HEAD_DK)[None, :]
 
-    q_base = Q + b * stride_qb + h * stride_qh + m0.to(tl.int64) * stride_qt
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_dk[None, :], mask=q_mask, other=0.0)
-    do_base = DO + b * stride_ob + h * stride_oh + m0.to(tl.int64) * stride_ot
+    q_base = Q + b * stride_qb + h0 * stride_qh + m0.to(tl.int64) * stride_qt
+    q = tl.load(q_base + q_offs, mask=q_mask, other=0.0)
+    do_base = DO + b * stride_ob + h0 * stride_oh + m0.to(tl.int64) * stride_ot
     do = tl.load(
-        do_base + offs_m[:, None] * stride_ot + offs_dv[None, :],
+        do_base + ((t - m0) * stride_ot + dh * stride_oh)[:, None] + offs_dv[None, :],
         mask=row_ok[:, None] & (offs_dv < HEAD_DV)[None, :], other=0.0,
     )
-    lse2, delta = _load_row_stats(LSE, DELTA, (b * H + h) * T, t, T)
+    lse2, delta = _load_row_stats(LSE, DELTA, (b * H + h0) * T + dh.to(tl.int64) * T + t, row_ok)
     k_base = K + b * stride_kb + g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
 
     dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
-    lo, mid_start, mid_end, hi = _query_tile_key_ranges(
-        m0, T, S, key_stride, key_offset, window, BLOCK_M, BLOCK_N)
-    for start_n in range(lo, mid_start, BLOCK_N):
-        dq = _dq_tile(
-            dq, q, do, lse2, delta, t, k_base, v_base, start_n, S, stride_kt, stride_vt,
-            key_stride, key_offset, window, qk_scale,
-            HEAD_DK, HEAD_DV, BLOCK_N, BLOCK_DK, BLOCK_DV, True, PRECISION)
-    for start_n in range(mid_start, mid_end, BLOCK_N):
+    lo, mid_start, n_full, n_lo, n_edge = _key_tiles(
+        m0, T, S, key_stride, key_offset, window, BLOCK_M // HEADS, BLOCK_N)
+    for start_n in range(mid_start, mid_start + n_full * BLOCK_N, BLOCK_N):
         dq = _dq_tile(
             dq, q, do, lse2, delta, t, k_base, v_base, start_n, S, stride_kt, stride_vt,
             key_stride, key_offset, window, qk_scale,
             HEAD_DK, HEAD_DV, BLOCK_N, BLOCK_DK, BLOCK_DV, False, PRECISION)
-    for start_n in range(mid_end, hi, BLOCK_N):
+    for i in range(n_edge):
         dq = _dq_tile(
-            dq, q, do, lse2, delta, t, k_base, v_base, start_n, S, stride_kt, stride_vt,
-            key_stride, key_offset, window, qk_scale,
+            dq, q, do, lse2, delta, t, k_base, v_base, _edge_start(i, lo, n_lo, n_full, BLOCK_N), S,
+            stride_kt, stride_vt, key_stride, key_offset, window, qk_scale,
             HEAD_DK, HEAD_DV, BLOCK_N, BLOCK_DK, BLOCK_DV, True, PRECISION)
 
-    dq_base = DQ + b * stride_qb + h * stride_qh + m0.to(tl.int64) * stride_qt
-    tl.store(
-        dq_base + offs_m[:, None] * stride_qt + offs_dk[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask,
-    )
+    dq_base = DQ + b * stride_qb + h0 * stride_qh + m0.to(tl.int64) * stride_qt
+    tl.store(dq_base + q_offs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
@@ -306,7 +327,7 @@ def _dkdv_tile(
         do_base + tl.cast(start_m, tl.int64) * stride_ot + offs_m[:, None] * stride_ot + offs_dv[None, :],
         mask=row_ok[:, None] & (offs_dv < HEAD_DV)[None, :], other=0.0,
     )
-    lse2, delta = _load_row_stats(LSE, DELTA, row_base, t, T)
+    lse2, delta = _load_row_stats(LSE, DELTA, row_base + t, row_ok)
     # Transposed ([keys, queries]) so dK and dV come out of the dots without transposes.
     p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])
     if MASKED:
@@ -326,14 +347,22 @@ def _dkdv_kernel(
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
-    T, S, H, key_stride, key_offset, window, scale, qk_scale,
+    stride_dks, stride_dkb, stride_dkt, stride_dkh,
+    stride_dvs, stride_dvb, stride_dvt, stride_dvh,
+    T, S, H, key_stride, key_offset, window, scale, qk_scale, B, SPLITS,
     GROUP: tl.constexpr, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    n0 = tl.program_id(0) * BLOCK_N
-    g = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    # Program id -> (key tile, batch, KV head, slice), key tile slowest: low tiles, which
+    # without a window are seen by the most queries, start first.
+    pid = tl.program_id(0)
+    split = pid % SPLITS
+    pid = pid // SPLITS
+    g = pid % (H // GROUP)
+    pid = pid // (H // GROUP)
+    b = (pid % B).to(tl.int64)
+    n0 = pid // B * BLOCK_N
     offs_n = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -341,10 +370,14 @@ def _dkdv_kernel(
     k_mask = key_ok[:, None] & (offs_dk < HEAD_DK)[None, :]
     v_mask = key_ok[:, None] & (offs_dv < HEAD_DV)[None, :]
     n0_64 = n0.to(tl.int64)
-    k_offs = b * stride_kb + g * stride_kh + n0_64 * stride_kt + offs_n[:, None] * stride_kt + offs_dk[None, :]
-    v_offs = b * stride_vb + g * stride_vh + n0_64 * stride_vt + offs_n[:, None] * stride_vt + offs_dv[None, :]
-    k = tl.load(K + k_offs, mask=k_mask, other=0.0)
-    v = tl.load(V + v_offs, mask=v_mask, other=0.0)
+    k = tl.load(
+        K + b * stride_kb + g * stride_kh + n0_64 * stride_kt + offs_n[:, None] * stride_kt + offs_dk[None, :],
+        mask=k_mask, other=0.0,
+    )
+    v = tl.load(
+        V + b * stride_vb + g * stride_vh + n0_64 * stride_vt + offs_n[:, None] * stride_vt + offs_dv[None, :],
+        mask=v_mask, other=0.0,
+    )
     key_pos = (n0 + offs_n) * key_stride + key_offset
 
     # Queries that see some key of the tile: [first position, last position + window);
@@ -353,36 +386,42 @@ def _dkdv_kernel(
     pos_last = (tl.minimum(n0 + BLOCK_N, S) - 1) * key_stride + key_offset
     lo = tl.minimum(pos_first, T)
     hi = tl.minimum(pos_last + window, T)
-    full_lo = tl.minimum(pos_last, hi)
-    full_hi = tl.minimum(pos_first + window, T)
-    mid_start = lo + tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK_M) * BLOCK_M
-    mid_end = mid_start + tl.maximum(full_hi - mid_start, 0) // BLOCK_M * BLOCK_M
+    mid_start, n_full, n_lo, n_edge = _tile_ranges(
+        lo, tl.minimum(pos_last, hi), tl.minimum(pos_first + window, T), hi, BLOCK_M)
 
+    # One flat loop per kind over (head of the group, query tile) pairs, so the pipeline
+    # fills twice per program rather than three times per head. The program takes slice
+    # `split` of each loop: SPLITS programs share a key tile that has much work.
     dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    for j in range(GROUP):
-        h = g * GROUP + j
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_ob + h * stride_oh
-        row_base = (b * H + h) * T
-        for start_m in range(lo, mid_start, BLOCK_M):
-            dk, dv = _dkdv_tile(
-                dk, dv, k, v, key_pos, q_base, do_base, LSE, DELTA, row_base, start_m, T,
-                stride_qt, stride_ot, window, qk_scale,
-                HEAD_DK, HEAD_DV, BLOCK_M, BLOCK_DK, BLOCK_DV, True, PRECISION)
-        for start_m in range(mid_start, mid_end, BLOCK_M):
-            dk, dv = _dkdv_tile(
-                dk, dv, k, v, key_pos, q_base, do_base, LSE, DELTA, row_base, start_m, T,
-                stride_qt, stride_ot, window, qk_scale,
-                HEAD_DK, HEAD_DV, BLOCK_M, BLOCK_DK, BLOCK_DV, False, PRECISION)
-        for start_m in range(mid_end, hi, BLOCK_M):
-            dk, dv = _dkdv_tile(
-                dk, dv, k, v, key_pos, q_base, do_base, LSE, DELTA, row_base, start_m, T,
-                stride_qt, stride_ot, window, qk_scale,
-                HEAD_DK, HEAD_DV, BLOCK_M, BLOCK_DK, BLOCK_DV, True, PRECISION)
+    pairs = GROUP * n_full
+    for it in range(split * pairs // SPLITS, (split + 1) * pairs // SPLITS):
+        h = g * GROUP + it // n_full
+        dk, dv = _dkdv_tile(
+            dk, dv, k, v, key_pos, Q + b * stride_qb + h * stride_qh, DO + b * stride_ob + h * stride_oh,
+            LSE, DELTA, (b * H + h) * T, mid_start + it % n_full * BLOCK_M, T,
+            stride_qt, stride_ot, window, qk_scale,
+            HEAD_DK, HEAD_DV, BLOCK_M, BLOCK_DK, BLOCK_DV, False, PRECISION)
+    pairs = GROUP * n_edge
+    for it in range(split * pairs // SPLITS, (split + 1) * pairs // SPLITS):
+        h = g * GROUP + it // n_edge
+        dk, dv = _dkdv_tile(
+            dk, dv, k, v, key_pos, Q + b * stride_qb + h * stride_qh, DO + b * stride_ob + h * stride_oh,
+            LSE, DELTA, (b * H + h) * T, _edge_start(it % n_edge, lo, n_lo, n_full, BLOCK_M), T,
+            stride_qt, stride_ot, window, qk_scale,
+            HEAD_DK, HEAD_DV, BLOCK_M, BLOCK_DK, BLOCK_DV, True, PRECISION)
 
-    tl.store(DK + k_offs, (dk * scale).to(DK.dtype.element_ty), mask=k_mask)
-    tl.store(DV + v_offs, dv.to(DV.dtype.element_ty), mask=v_mask)
+    split_64 = split.to(tl.int64)
+    tl.store(
+        DK + split_64 * stride_dks + b * stride_dkb + g * stride_dkh + n0_64 * stride_dkt
+        + offs_n[:, None] * stride_dkt + offs_dk[None, :],
+        (dk * scale).to(DK.dtype.element_ty), mask=k_mask,
+    )
+    tl.store(
+        DV + split_64 * stride_dvs + b * stride_dvb + g * stride_dvh + n0_64 * stride_dvt
+        + offs_n[:, None] * stride_dvt + offs_dv[None, :],
+        dv.to(DV.dtype.element_ty), mask=v_mask,
+    )
 
 
 # --- launch configuration ------------------------------------------------------
@@ -390,17 +429,28 @@ def _dkdv_kernel(
 
 @dataclass(frozen=True)
 class _Tiles:
-    """One launch's tile: ``m`` queries by ``n`` keys."""
+    """One launch's tile: ``m`` rows by ``n`` keys (dK/dV: ``m`` queries by ``n`` keys).
+
+    Forward and dQ rows are ``pack`` heads of one group at ``m // pack`` positions: under a
+    window, a tile spanning fewer positions needs fewer keys (its band is narrower) while
+    keeping ``m`` rows per key load. In a base configuration ``pack`` is an upper bound;
+    ``_Launch.tiles`` resolves it for the shape.
+    """
 
     m: int
     n: int
     num_warps: int
     num_stages: int
+    pack: int = 1
 
 
 # Under the interpreter programs run one after another on the CPU: small tiles keep
 # the tests quick and cover many tile boundaries. m != n catches mixed-up bounds.
-_INTERPRETER_TILES = _Tiles(m=32, n=16, num_warps=4, num_stages=1)
+_INTERPRETER_TILES = _Tiles(m=32, n=16, num_warps=4, num_stages=1, pack=2)
+# Pretend SM count under the interpreter, small so that the tests split dK/dV key tiles.
+_INTERPRETER_SMS = 2
+# Most programs one dK/dV key tile is split into (each keeps a float32 partial dK, dV).
+_MAX_DKDV_SPLITS = 16
 
 
 def _gpu_tiles(kernel: str, dtype: torch.dtype, block_d: int) -> _Tiles:
@@ -409,19 +459,54 @@ def _gpu_tiles(kernel: str, dtype: torch.dtype, block_d: int) -> _Tiles:
     if dtype == torch.float32:  # IEEE fp32 dots: a correctness path, sized for shared memory
         return _Tiles(32, 32, 4, 1 if wide else 2)
     if kernel == "fwd":
-        return _Tiles(64, 64, 4, 2) if wide else _Tiles(128, 64, 8, 3)
+        # Window 512: 2 heads x 64 positions see 575 keys, 9 tiles of 64 (of which 2
+        # masked), where 128 positions see 639 keys in 10 tiles (4 masked).
+        return _Tiles(64, 64, 4, 2, pack=2) if wide else _Tiles(128, 64, 8, 3, pack=2)
+    # Backward at d = 128: registers (~175 dQ, ~250 dK/dV per thread of 8 warps) allow one
+    # program per SM, so a third stage of prefetch (~115 / ~130 KB shared) costs no occupancy.
     if kernel == "dq":
-        return _Tiles(64, 32, 8, 2) if wide else _Tiles(128, 32, 8, 2)
+        return _Tiles(64, 32, 8, 2, pack=2) if wide else _Tiles(128, 32, 8, 3, pack=2)
     # dkdv: dK and dV accumulators of n rows live in registers for the whole program.
-    return _Tiles(32, 64, 8, 2) if wide else _Tiles(64, 64, 8, 2)
+    return _Tiles(32, 64, 8, 2) if wide else _Tiles(64, 64, 8, 3)
 
 
-def _tiles(kernel: str, dtype: torch.dtype, block_d: int, seq_len: int, keys_per_row: int) -> _Tiles:
-    """Tile for ``kernel`` ("fwd", "dq" or "dkdv"), no larger than the rows and keys need."""
-    base = _INTERPRETER_TILES if os.environ.get("TRITON_INTERPRET") == "1" else _gpu_tiles(kernel, dtype, block_d)
-    m = min(base.m, max(16, triton.next_power_of_2(seq_len)))
-    n = min(base.n, max(16, triton.next_power_of_2(keys_per_row)))
-    return _Tiles(m, n, base.num_warps, base.num_stages)
+def _num_sms(device: torch.device) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return _INTERPRETER_SMS
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=256)
+def _dkdv_splits(
+    seq_len: int, num_keys: int, key_stride: int, key_offset: int, window: int,
+    group: int, units: int, block_m: int, block_n: int, num_sms: int,
+) -> int:
+    """Programs per (key tile, batch, KV head) of the dK/dV kernel.
+
+    A key tile's work is its (head of the group, query tile) pairs; ``units`` (batch x KV
+    heads) copies of each tile run side by side. Without a window the first tiles are seen
+    by every later query (T=64k, 16 heads, 64 x 64 tiles: 16k pairs for the first, 256 for
+    the last). Halving until the longest program is at most half an SM's share of all the
+    work lets the SMs finish together, as the kernel launches the long ones first (there:
+    4 slices, within 1% of a perfect split in a list-scheduling model). Window tiles are
+    small and alike; they stay whole unless there are too few to fill the SMs.
+    """
+    first = torch.arange(0, num_keys, block_n, dtype=torch.int64)
+    last = (first + block_n).clamp(max=num_keys) - 1
+    lo = (first * key_stride + key_offset).clamp(max=seq_len)
+    hi = (last * key_stride + key_offset + window).clamp(max=seq_len)
+    work = group * ((hi - lo + block_m - 1) // block_m)
+    share = max(int(work.sum()) * units / (2 * num_sms), 1.0)
+    longest = int(work.max())
+    splits = 1
+    while splits < _MAX_DKDV_SPLITS and longest > splits * share:
+        splits *= 2
+    return splits
 
 
 @dataclass(frozen=True)
@@ -453,10 +538,25 @@ class _Launch:
         return min(self.num_keys, triton.cdiv(self.window, self.key_stride))
 
     def tiles(self, kernel: str, dtype: torch.dtype) -> _Tiles:
-        return _tiles(kernel, dtype, max(self.block_dk, self.block_dv), self.seq_len, self.keys_per_row)
+        """Tile for ``kernel`` ("fwd", "dq" or "dkdv"), no larger than the rows and keys need."""
+        base = _INTERPRETER_TILES if os.environ.get("TRITON_INTERPRET") == "1" else _gpu_tiles(
+            kernel, dtype, max(self.block_dk, self.block_dv))
+        # Stacking heads narrows the band only where a window cuts it; the stacked heads
+        # must share a group (a power of two dividing it).
+        pack = 1
+        windowed = kernel != "dkdv" and self.window < self.seq_len
+        while windowed and pack < base.pack and self.group % (2 * pack) == 0:
+            pack *= 2
+        m = min(base.m, max(16, triton.next_power_of_2(self.seq_len * pack)))
+        n = min(base.n, max(16, triton.next_power_of_2(self.keys_per_row)))
+        return _Tiles(m, n, base.num_warps, base.num_stages, pack)
 
     def scalars(self) -> tuple:
         return (self.seq_len, self.num_keys, self.num_heads, self.key_stride, self.key_offset, self.window)
+
+    def query_grid(self, tiles: _Tiles) -> tuple[int, int]:
+        """Forward / dQ grid: (query tile, head pack) flattened by ``_query_tile``, batch."""
+        return triton.cdiv(self.seq_len, tiles.m // tiles.pack) * (self.num_heads // tiles.pack), self.batch
 
     def kernel_kwargs(self, tiles: _Tiles, dtype: torch.dtype) -> dict:
         return dict(
@@ -467,8 +567,8 @@ class _Launch:
         )
 
 
-def _strides(x: torch.Tensor) -> tuple[int, int, int]:
-    return x.stride(0), x.stride(1), x.stride(2)
+def _strides(x: torch.Tensor) -> tuple[int, ...]:
+    return x.stride()[:-1]
 
 
 def _forward(q, k, v, p: _Launch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -479,10 +579,9 @@ def _forward(q, k, v, p: _Launch) -> tuple[torch.Tensor, torch.Tensor]:
     o = q.new_empty(o_shape)
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     tiles = p.tiles("fwd", q.dtype)
-    grid = (triton.cdiv(p.seq_len, tiles.m), p.num_heads, p.batch)
-    _fwd_kernel[grid](
+    _fwd_kernel[p.query_grid(tiles)](
         q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        *p.scalars(), p.scale * _LOG2E.value, **p.kernel_kwargs(tiles, q.dtype),
+        *p.scalars(), p.scale * _LOG2E.value, HEADS=tiles.pack, **p.kernel_kwargs(tiles, q.dtype),
     )
     return o, lse
 
@@ -490,7 +589,6 @@ def _forward(q, k, v, p: _Launch) -> tuple[torch.Tensor, torch.Tensor]:
 def _backward(q, k, v, o, lse, do, p: _Launch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if p.num_keys == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(o))
     delta = torch.empty_like(lse)
     block_m = 64
@@ -498,15 +596,30 @@ def _backward(q, k, v, o, lse, do, p: _Launch) -> tuple[torch.Tensor, torch.Tens
         o, do, delta, *_strides(o), p.seq_len, p.num_heads,
         HEAD_DV=p.head_dv, BLOCK_M=block_m, BLOCK_DV=p.block_dv,
     )
+
     tiles = p.tiles("dkdv", q.dtype)
-    _dkdv_kernel[(triton.cdiv(p.num_keys, tiles.n), p.num_heads // p.group, p.batch)](
-        q, k, v, do, dk, dv, lse, delta, *strides,
-        *p.scalars(), p.scale, p.scale * _LOG2E.value, **p.kernel_kwargs(tiles, q.dtype),
+    num_groups = p.num_heads // p.group
+    splits = _dkdv_splits(
+        p.seq_len, p.num_keys, p.key_stride, p.key_offset, p.window,
+        p.group, p.batch * num_groups, tiles.m, tiles.n, _num_sms(q.device))
+    if splits == 1:
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        dk_out, dv_out = dk[None], dv[None]
+    else:  # float32 partials per slice, summed below (deterministic, no atomics)
+        dk_out = torch.empty((splits, *k.shape), dtype=torch.float32, device=k.device)
+        dv_out = torch.empty((splits, *v.shape), dtype=torch.float32, device=v.device)
+    _dkdv_kernel[(triton.cdiv(p.num_keys, tiles.n) * p.batch * num_groups * splits,)](
+        q, k, v, do, dk_out, dv_out, lse, delta, *strides, *_strides(dk_out), *_strides(dv_out),
+        *p.scalars(), p.scale, p.scale * _LOG2E.value, p.batch, splits, **p.kernel_kwargs(tiles, q.dtype),
     )
+    if splits > 1:
+        dk, dv = dk_out.sum(0).to(k.dtype), dv_out.sum(0).to(v.dtype)
+
+    dq = torch.empty_like(q)
     tiles = p.tiles("dq", q.dtype)
-    _dq_kernel[(triton.cdiv(p.seq_len, tiles.m), p.num_heads, p.batch)](
+    _dq_kernel[p.query_grid(tiles)](
         q, k, v, do, dq, lse, delta, *strides,
-        *p.scalars(), p.scale, p.scale * _LOG2E.value, **p.kernel_kwargs(tiles, q.dtype),
+        *p.scalars(), p.scale, p.scale * _LOG2E.value, HEADS=tiles.pack, **p.kernel_kwargs(tiles, q.dtype),
     )
     return dq, dk, dv
 
