@@ -64,6 +64,8 @@ CASES = [
     ((16, 8, 32, 4), 1, 25, 2, 1, 64),  # T < l': a single selection block
     ((32, 16, 64, 4), 2, 20, 4, 2, 64),  # T < l: no compressed key, lse all -inf
     ((16, 8, 16, 4), 1, 1, 2, 2, 64),  # T = 1
+    ((32, 16, 64, 4), 1, 300, 32, 1, 64),  # group size 32: heads spread over more lanes
+    ((16, 8, 24, 4), 1, 300, 6, 2, 64),  # group size 3: a padding head in each group
 ]
 
 

@@ -4,30 +4,35 @@ Semantics: ``nsa_parallel.reference.select_blocks`` given the compression branch
 ``lse``. Two kernels, because a row's top-n needs all of its ``Ns`` scores while
 the scores are produced one selection-block tile at a time:
 
-1. ``_group_scores_kernel``, one program per (query tile, KV group, batch). It
-   walks the selection blocks in tiles of ``BLOCK_J`` blocks; a tile's *own*
-   compressed blocks are those starting inside it (``BLOCK_J * l'/d`` of them),
-   so every compressed block is scored exactly once. For each head of the group
-   it computes ``p = exp2(q.k * scale*log2e - lse*log2e)`` (causally masked) and
-   sums over heads first, so the overlap mapping costs one small dot per tile,
-   not one per head. The overlap weights ``W[i, j]`` are built in registers from
-   iota arithmetic. Compressed blocks reaching past the tile's end (``l > d``)
-   feed the next tile through a second weight matrix, carried in registers:
-   each output block is stored once, with no read-modify-write and no atomics,
-   so results are bit-reproducible. Both mapping dots are float32 IEEE because
-   near-equal scores decide the selection.
+1. ``_group_scores_kernel``, one program per (query tile, KV group, batch), shaped
+   like a flash-attention forward: the rows of its q.k dot are ``BLOCK_T`` positions
+   x all heads of the group (256 rows for 16 heads), so q is loaded once and stays
+   (in shared memory on the GPU) while the compressed keys stream past it; reloading
+   q for every key tile and head made the L2 traffic the bottleneck. It walks the
+   selection blocks in tiles of ``BLOCK_J``, up to the last one its last position
+   sees; a tile's *own* compressed blocks are those starting inside it, so each is
+   scored exactly once. Per tile: ``p = exp2(q.k * scale*log2e - lse*log2e)``,
+   causally masked only on tiles that cross the diagonal, summed over heads by a
+   reshape (rows ordered so that sum stays mostly inside threads, see
+   ``_row_digits``). Then the overlap mapping, in segments of ``d`` tokens: a
+   compressed block covers ``l/d`` of them, a selection block ``l'/d``, so the block
+   starting at segment ``m`` of selection block ``j`` gives block ``j + k`` the
+   small integer weight ``c_k[m]``: weighted sums over ``m`` and a shift by ``k``
+   (a gather), float32 and exact but for the sums' rounding, since near-equal
+   scores decide the selection. What passes the tile's end is carried in registers
+   into the next tile: each score is stored once, with no read-modify-write and no
+   atomics, so results are bit-reproducible. On the GPU two programs share an SM,
+   one's q.k dot running under the other's exponentials.
 2. ``_top_n_kernel``, one program per (rows, KV group, batch): a row of ``Ns``
-   scores, forced blocks set to ``+inf`` and ineligible ones to ``-inf``, then
-   ``n`` rounds of max with the lowest index winning ties (the reference's
-   stable descending sort); chosen ids are written ascending via a cumulative
-   sum of the chosen mask, the rest of the row padded with ``-1``.
+   scores, ineligible blocks at ``-inf``; forced blocks are taken first, then
+   rounds of max with the lowest index winning ties (the reference's stable
+   descending sort) fill the ``n`` slots; chosen ids are written ascending via a
+   cumulative sum of the chosen mask, the rest of the row padded with ``-1``.
 
 The float32 score buffer ``[B, G, T_chunk, Ns]`` is bounded by processing the
 queries in chunks (``SCORE_BUFFER_BYTES``).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -36,9 +41,77 @@ import triton.language as tl
 # Upper bound on the float32 score buffer; queries are processed in chunks under it.
 SCORE_BUFFER_BYTES = 512 * 2**20
 
-_BLOCK_T = 64  # query rows per scoring program
-_BLOCK_J = 16  # selection blocks per scoring tile (the mapping dot's N, Hopper's minimum)
+_MAX_DOT_ROWS = 256  # (position, head) rows per scoring program: the q.k dot's M
+_MAX_LOGITS = 256 * 64  # float32 [rows, BLOCK_I] logits: 64 registers a thread at 8 warps
+_MAX_Q_TILE_BYTES = 64 * 2**10  # the stationary 16-bit q tile, in shared memory for the tensor cores
+_MAX_Q_TILE_BYTES_FP32 = 8 * 2**10  # float32 (IEEE) dots run on the FMA units, q in registers
+_BLOCK_J = 16  # selection blocks per scoring tile: 64 keys a tile at l'/d = 4
+_MIN_DOT_SIZE = 16  # Hopper's smallest tl.dot M, N and K
 _LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _score_tile(
+    q, lse, t_rows, k_base, stride_kt, s_rows, store_t, j0, num_cmp, num_blocks, qk_scale, carry, d_valid,
+    CMP_SIZE: tl.constexpr,
+    CMP_STRIDE: tl.constexpr,
+    SEL_SIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    R_PAD: tl.constexpr,
+    H0: tl.constexpr,
+    H1: tl.constexpr,
+    H2: tl.constexpr,
+    T1: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Stores the scores of selection blocks ``j0 .. j0+BLOCK_J-1`` and returns the carry
+    into the next tile. ``CAUSAL=False`` only for tiles every row sees whole."""
+    # In units of d: a compressed block spans L segments, a selection block R.
+    L: tl.constexpr = CMP_SIZE // CMP_STRIDE
+    R: tl.constexpr = SEL_SIZE // CMP_STRIDE
+    # Column a holds the compressed block starting at segment m = a % R_PAD of the tile's
+    # block a // R_PAD (padding where m >= R): the tile owns the blocks starting in it.
+    offs_a = tl.arange(0, BLOCK_J * R_PAD)
+    own = offs_a % R_PAD < R
+    offs_i = (j0 + offs_a // R_PAD) * R + offs_a % R_PAD
+    i_valid = own & (offs_i < num_cmp)
+    k = tl.load(k_base + offs_i[None, :].to(tl.int64) * stride_kt,
+                mask=d_valid[:, None] & i_valid[None, :], other=0.0)
+    logits = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale - lse[:, None]
+    # Masking the exponent (not the result) keeps exp2 finite where lse is -inf, and
+    # on padding columns where lse is very negative.
+    if CAUSAL:
+        visible = i_valid[None, :] & (offs_i[None, :] * CMP_STRIDE + (CMP_SIZE - 1) <= t_rows[:, None])
+        logits = tl.where(visible, logits, float("-inf"))
+    elif R_PAD != R:
+        logits = tl.where(own[None, :], logits, float("-inf"))
+    p = tl.exp2(logits)
+    # Sum over the head digits of the rows (see _row_digits), in-thread ones first.
+    p = tl.reshape(p, [H2, BLOCK_T // T1, H1, T1, H0, BLOCK_J * R_PAD])
+    p = tl.reshape(tl.sum(tl.sum(tl.sum(p, axis=0), axis=1), axis=2), [BLOCK_T, BLOCK_J, R_PAD])
+
+    # Overlap weights: the block starting at segment m of block j covers c[m] segments
+    # of block j + shift, shift <= K. Sum per block and shift, then move by the shift
+    # (a gather, exact); what passes the tile's end is the next tile's carry.
+    K: tl.constexpr = (L + R - 2) // R
+    offs_m = tl.arange(0, R_PAD)
+    scores = carry
+    next_carry = tl.zeros_like(carry)
+    for shift in tl.static_range(K + 1):
+        c = tl.minimum(offs_m + L, (shift + 1) * R) - tl.maximum(offs_m, shift * R)
+        c = tl.where(offs_m < R, tl.maximum(c, 0), 0).to(tl.float32)
+        part = tl.sum(p * c[None, None, :], axis=2)
+        if shift == 0:
+            scores += part
+        else:
+            src = tl.arange(0, BLOCK_J)[None, :] - shift + tl.zeros_like(carry).to(tl.int32)
+            scores += tl.where(src >= 0, tl.gather(part, tl.maximum(src, 0), axis=1), 0.0)
+            next_carry += tl.where(src < 0, tl.gather(part, tl.minimum(src + BLOCK_J, BLOCK_J - 1), axis=1), 0.0)
+    offs_j = j0 + tl.arange(0, BLOCK_J)
+    tl.store(s_rows + offs_j[None, :], scores, mask=store_t[:, None] & (offs_j[None, :] < num_blocks))
+    return next_carry
 
 
 @triton.jit
@@ -56,9 +129,14 @@ def _group_scores_kernel(
     CMP_STRIDE: tl.constexpr,
     SEL_SIZE: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
     BLOCK_J: tl.constexpr,
-    BLOCK_I: tl.constexpr,
+    R_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    H0: tl.constexpr,
+    H1: tl.constexpr,
+    H2: tl.constexpr,
+    T1: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # Later query tiles see more blocks: launch them first to shorten the tail.
@@ -67,53 +145,48 @@ def _group_scores_kernel(
     g = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
 
-    offs_t = t0 + tl.arange(0, BLOCK_T)
-    t_valid = offs_t < t_end
+    # The q.k dot's rows are (position, head) pairs in the digit order of _row_digits;
+    # q stays loaded while the compressed keys stream past it.
+    offs_r = tl.arange(0, BLOCK_T * BLOCK_H)
+    h0 = offs_r % H0
+    t1 = offs_r // H0 % T1
+    h1 = offs_r // (H0 * T1) % H1
+    t2 = offs_r // (H0 * T1 * H1) % (BLOCK_T // T1)
+    h2 = offs_r // (H0 * BLOCK_T * H1)
+    t_rows = t0 + t2 * T1 + t1
+    h_rows = (h2 * H1 + h1) * H0 + h0
+    head = g * HEADS_PER_GROUP + h_rows
+    row_valid = (t_rows < t_end) & (h_rows < HEADS_PER_GROUP)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
-    offs_a = tl.arange(0, BLOCK_I)
-    offs_jj = tl.arange(0, BLOCK_J)
+    q = tl.load(q_ptr + b * stride_qb + t_rows[:, None].to(tl.int64) * stride_qt
+                + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    # lse = +inf on padding rows (q = 0 there) zeroes their p without a mask.
+    lse = tl.load(lse_ptr + b * stride_lb + head * stride_lh + t_rows, mask=row_valid, other=float("inf"))
+    lse *= _LOG2E
 
-    # A tile owns the compressed blocks starting in it; BLOCK_I pads that count
-    # to a power of two when l'/d is not one, and the padding must not count.
-    OWN_CMP: tl.constexpr = BLOCK_J * (SEL_SIZE // CMP_STRIDE)
-    own = offs_a < OWN_CMP
-    # Overlap weights in units of d, positions relative to the tile's first block;
-    # w_next maps the same compressed blocks onto the next tile's blocks.
-    cmp_lo = offs_a[:, None] * CMP_STRIDE
-    sel_lo = offs_jj[None, :] * SEL_SIZE
-    ov = tl.minimum(cmp_lo + CMP_SIZE, sel_lo + SEL_SIZE) - tl.maximum(cmp_lo, sel_lo)
-    w_cur = tl.where(own[:, None], tl.maximum(ov, 0) // CMP_STRIDE, 0).to(tl.float32)
-    sel_lo += BLOCK_J * SEL_SIZE
-    ov = tl.minimum(cmp_lo + CMP_SIZE, sel_lo + SEL_SIZE) - tl.maximum(cmp_lo, sel_lo)
-    w_next = tl.where(own[:, None], tl.maximum(ov, 0) // CMP_STRIDE, 0).to(tl.float32)
-
-    q_rows = q_ptr + b * stride_qb + offs_t[:, None].to(tl.int64) * stride_qt + g * HEADS_PER_GROUP * stride_qh
-    q_mask = t_valid[:, None] & d_valid[None, :]
-    lse_rows = lse_ptr + b * stride_lb + g * HEADS_PER_GROUP * stride_lh + offs_t
     k_base = k_ptr + b * stride_kb + g * stride_kg + offs_d[:, None]
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    store_t = offs_t < t_end
     s_rows = s_ptr + b * stride_sb + g * stride_sg + (offs_t - t_begin)[:, None].to(tl.int64) * stride_st
 
     # Blocks up to the tile's last row are eligible for some row: all must be written.
-    last_block = (tl.minimum(t0 + BLOCK_T, t_end) - 1) // SEL_SIZE
+    num_tiles = (tl.minimum(t0 + BLOCK_T, t_end) - 1) // SEL_SIZE // BLOCK_J + 1
+    # Tile jt's last own compressed block ends at (jt+1) * BLOCK_J*l' - d + l - 1:
+    # tiles ending by the first row are whole for every row and skip the causal mask.
+    num_whole = tl.maximum(t0 + 1 + CMP_STRIDE - CMP_SIZE, 0) // (BLOCK_J * SEL_SIZE)
     carry = tl.zeros([BLOCK_T, BLOCK_J], dtype=tl.float32)
-    for j0 in range(0, last_block + 1, BLOCK_J):
-        offs_i = j0 * (SEL_SIZE // CMP_STRIDE) + offs_a
-        i_valid = own & (offs_i < num_cmp)
-        k = tl.load(k_base + offs_i[None, :].to(tl.int64) * stride_kt,
-                    mask=d_valid[:, None] & i_valid[None, :], other=0.0)
-        visible = i_valid[None, :] & (offs_i[None, :] * CMP_STRIDE + (CMP_SIZE - 1) <= offs_t[:, None])
-        p = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
-        for hh in range(HEADS_PER_GROUP):
-            qh = tl.load(q_rows + hh * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
-            lse = tl.load(lse_rows + hh * stride_lh, mask=t_valid, other=0.0) * _LOG2E
-            logits = tl.dot(qh, k, input_precision=DOT_PRECISION) * qk_scale - lse[:, None]
-            # Masking the exponent (not the result) keeps exp2 finite where lse is -inf.
-            p += tl.exp2(tl.where(visible, logits, float("-inf")))
-        scores = carry + tl.dot(p, w_cur, input_precision="ieee")
-        carry = tl.dot(p, w_next, input_precision="ieee")
-        offs_j = j0 + offs_jj
-        tl.store(s_rows + offs_j[None, :], scores, mask=t_valid[:, None] & (offs_j[None, :] < num_blocks))
+    for jt in range(0, num_whole):
+        carry = _score_tile(
+            q, lse, t_rows, k_base, stride_kt, s_rows, store_t, jt * BLOCK_J, num_cmp, num_blocks, qk_scale,
+            carry, d_valid, CMP_SIZE, CMP_STRIDE, SEL_SIZE, BLOCK_T, BLOCK_J, R_PAD,
+            H0, H1, H2, T1, False, DOT_PRECISION)
+    for jt in range(num_whole, num_tiles):
+        carry = _score_tile(
+            q, lse, t_rows, k_base, stride_kt, s_rows, store_t, jt * BLOCK_J, num_cmp, num_blocks, qk_scale,
+            carry, d_valid, CMP_SIZE, CMP_STRIDE, SEL_SIZE, BLOCK_T, BLOCK_J, R_PAD,
+            H0, H1, H2, T1, True, DOT_PRECISION)
 
 
 @triton.jit
@@ -139,13 +212,18 @@ def _top_n_kernel(
     s_rows = s_ptr + b * stride_sb + g * stride_sg + (offs_t - t_begin)[:, None].to(tl.int64) * stride_st
     key = tl.load(s_rows + offs_j[None, :], mask=eligible, other=float("-inf"))
     forced = (offs_j[None, :] == 0) | (offs_j[None, :] == own_block) | (offs_j[None, :] == own_block - 1)
-    key = tl.where(eligible & forced, float("inf"), key)
 
     # Scores are >= 0, so -inf marks exactly the ineligible and the already chosen.
-    for _ in range(NUM_SELECTED):
-        best, best_j = tl.max(key, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        pick = (offs_j[None, :] == best_j[:, None]) & (best[:, None] > float("-inf"))
-        key = tl.where(pick, float("-inf"), key)
+    # With n >= 3 every forced block is chosen (a row has three, or no other eligible
+    # block), leaving n - 3 rounds; fewer slots go to the lowest forced ids (+inf ties).
+    NUM_FORCED: tl.constexpr = 3 if NUM_SELECTED >= 3 else 0
+    key = tl.where(eligible & forced, float("-inf") if NUM_FORCED else float("inf"), key)
+    for _ in range(NUM_SELECTED - NUM_FORCED):
+        # The lowest id among the maxima, as the reference's stable sort; on an
+        # exhausted row it names an entry already at -inf, so nothing changes.
+        best = tl.max(key, axis=1)
+        best_j = tl.min(tl.where(key == best[:, None], offs_j[None, :], BLOCK_NS), axis=1)
+        key = tl.where(offs_j[None, :] == best_j[:, None], float("-inf"), key)
     chosen = eligible & (key == float("-inf"))
 
     out_rows = out_ptr + b * stride_ob + offs_t[:, None].to(tl.int64) * stride_ot + g * stride_og
@@ -155,6 +233,54 @@ def _top_n_kernel(
     offs_n = tl.arange(0, BLOCK_N)[None, :]
     padding = t_valid[:, None] & (offs_n >= count[:, None]) & (offs_n < NUM_SELECTED)
     tl.store(out_rows + offs_n, tl.full([BLOCK_R, BLOCK_N], -1, tl.int32), mask=padding)
+
+
+def _row_digits(block_h: int, block_t: int, num_warps: int) -> dict:
+    """Digit sizes of the q.k dot's row index ``r = [h2, t2, h1, t1, h0]`` (most
+    significant first): position ``t2*T1 + t1``, head ``(h2*H1 + h1)*H0 + h0``.
+
+    Any order is correct; this one makes the head sum cheap in the tensor-core
+    accumulator, whose warps hold 16-row slabs: row bits 0-2 on lanes, bit 3 in a
+    register, the next bits on warps, the rest (slab repeats) in registers again.
+    Heads take bit 3 (h1) and the repeat bits (h2), summed inside a thread, then low
+    lane bits (h0): 2 shuffle rounds for 16 heads instead of 3; positions take warps.
+    """
+    repeats = max(1, block_t * block_h // (16 * num_warps))
+    h1 = min(2, block_h)
+    h2 = min(repeats, block_h // h1)
+    h0 = block_h // (h1 * h2)
+    return dict(H0=h0, H1=h1, H2=h2, T1=max(1, min(8 // h0, block_t)))
+
+
+def _scoring_meta(
+    dtype: torch.dtype, head_dim: int, heads_per_group: int, l: int, d: int, ls: int,
+) -> tuple[int, dict]:
+    """Query positions per scoring program and the scoring kernel's tile and launch parameters."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    r_pad = triton.next_power_of_2(ls // d)
+    block_i = _BLOCK_J * r_pad
+    block_h = triton.next_power_of_2(heads_per_group)
+    elem_bytes = torch.finfo(dtype).bits // 8
+    # Dot rows: the q tile and the [rows, BLOCK_I] float32 logits bound them; a group
+    # is never split, so a wide one may exceed the bound with a single position.
+    q_tile_bytes = _MAX_Q_TILE_BYTES if elem_bytes == 2 else _MAX_Q_TILE_BYTES_FP32
+    rows = min(_MAX_DOT_ROWS, _MAX_LOGITS // block_i, q_tile_bytes // (block_d * elem_bytes))
+    block_t = max(1, max(_MIN_DOT_SIZE, rows) // block_h)
+    rows = block_t * block_h
+    num_warps = 8 if rows * block_i >= _MAX_LOGITS else 4
+    # Two programs per SM let one's q.k dot run under the other's exponentials: at 8
+    # warps that takes <= 128 registers a thread, and 2 k stages keep both q tiles and
+    # their stages in shared memory. Only for tensor-core dots with full tiles, and
+    # groups of 2..32 heads: one head leaves 256 positions whose sums spill, and over
+    # 32 the head sum crosses warps through shared memory.
+    two_per_sm = elem_bytes == 2 and rows * block_i == _MAX_LOGITS and 2 <= block_h <= 32
+    return block_t, dict(
+        HEAD_DIM=head_dim, HEADS_PER_GROUP=heads_per_group, CMP_SIZE=l, CMP_STRIDE=d, SEL_SIZE=ls,
+        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_J=_BLOCK_J, R_PAD=r_pad, BLOCK_D=block_d,
+        **_row_digits(block_h, block_t, num_warps),
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=2, maxnreg=128 if two_per_sm else None,
+    )
 
 
 def select_blocks(
@@ -196,22 +322,19 @@ def select_blocks(
     q, k_cmp = q.contiguous(), k_cmp.contiguous()
     lse = lse.to(torch.float32).contiguous()
 
-    row_bytes = batch * num_groups * num_blocks * 4
-    chunk = max(_BLOCK_T, SCORE_BUFFER_BYTES // row_bytes // _BLOCK_T * _BLOCK_T)
-    chunk = min(chunk, triton.cdiv(seq_len, _BLOCK_T) * _BLOCK_T)
+    # A chunk need not be whole query tiles: a partial one is masked.
+    chunk = min(seq_len, max(1, SCORE_BUFFER_BYTES // (batch * num_groups * num_blocks * 4)))
     # With no compressed key every score is 0 and only forcing and block ids decide.
     alloc = torch.empty if num_cmp else torch.zeros
     scores = alloc(batch, num_groups, chunk, num_blocks, dtype=torch.float32, device=q.device)
 
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_i = max(16, triton.next_power_of_2(_BLOCK_J * (ls // d)))
+    block_t, meta = _scoring_meta(q.dtype, head_dim, num_heads // num_groups, l, d, ls)
     block_ns = max(16, triton.next_power_of_2(num_blocks))
     block_r = max(1, min(32, 4096 // block_ns))
-    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     for t_begin in range(0, seq_len, chunk):
         t_end = min(seq_len, t_begin + chunk)
         if num_cmp:
-            _group_scores_kernel[(triton.cdiv(t_end - t_begin, _BLOCK_T), num_groups, batch)](
+            _group_scores_kernel[(triton.cdiv(t_end - t_begin, block_t), num_groups, batch)](
                 q, k_cmp, lse, scores,
                 t_begin, t_end, num_cmp, num_blocks,
                 q.stride(0), q.stride(1), q.stride(2),
@@ -219,11 +342,7 @@ def select_blocks(
                 lse.stride(0), lse.stride(1),
                 scores.stride(0), scores.stride(1), scores.stride(2),
                 scale * _LOG2E.value,
-                HEAD_DIM=head_dim, HEADS_PER_GROUP=num_heads // num_groups,
-                CMP_SIZE=l, CMP_STRIDE=d, SEL_SIZE=ls,
-                BLOCK_T=_BLOCK_T, BLOCK_J=_BLOCK_J, BLOCK_I=block_i, BLOCK_D=block_d,
-                DOT_PRECISION=dot_precision,
-                num_warps=8 if block_d * block_i > 128 * 64 else 4,
+                **meta,
             )
         _top_n_kernel[(triton.cdiv(t_end - t_begin, block_r), num_groups, batch)](
             scores, out,
