@@ -10,5 +10,5 @@ fi
 export PYTHONPATH=$PWD:$PWD/kernels:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
-timeout "$tests_s" python3 -m pytest -q -ra -p no:cacheprovider --maxfail=30 tests 2>&1 | tee "$OUT/pytest.log" | grep -E "passed|failed|FAILED|Error|error" | tail -40
+timeout "$tests_s" python3 -m pytest -q -ra -p no:cacheprovider -n 6 tests 2>&1 | tee "$OUT/pytest.log" | grep -E "passed|failed|FAILED|Error|error" | tail -40
 timeout "$bench_s" python3 benchmarks/bench_attention.py --components --json "$OUT/bench.json" --plot "$OUT/bench.png" "$@" 2>&1 | tee "$OUT/bench.md"

@@ -462,12 +462,14 @@ def _gpu_tiles(kernel: str, dtype: torch.dtype, block_d: int) -> _Tiles:
         # Window 512: 2 heads x 64 positions see 575 keys, 9 tiles of 64 (of which 2
         # masked), where 128 positions see 639 keys in 10 tiles (4 masked).
         return _Tiles(64, 64, 4, 2, pack=2) if wide else _Tiles(128, 64, 8, 3, pack=2)
-    # Backward at d = 128: registers (~175 dQ, ~250 dK/dV per thread of 8 warps) allow one
-    # program per SM, so a third stage of prefetch (~115 / ~130 KB shared) costs no occupancy.
+    # Backward, d <= 128, from benchmarks/tune_banded.py (H200, T=64k, 16 heads per group):
+    # 64-key dQ tiles and 128-key dK/dV tiles (fewer, longer programs; the dK/dV accumulators
+    # stay in registers at one program per SM) took the compressed branch's backward from
+    # 63 to ~36 ms and the window's from 15.5 to ~12 ms.
     if kernel == "dq":
-        return _Tiles(64, 32, 8, 2, pack=2) if wide else _Tiles(128, 32, 8, 3, pack=2)
+        return _Tiles(64, 32, 8, 2, pack=2) if wide else _Tiles(128, 64, 8, 3, pack=2)
     # dkdv: dK and dV accumulators of n rows live in registers for the whole program.
-    return _Tiles(32, 64, 8, 2) if wide else _Tiles(64, 64, 8, 3)
+    return _Tiles(32, 64, 8, 2) if wide else _Tiles(64, 128, 8, 2)
 
 
 def _num_sms(device: torch.device) -> int:

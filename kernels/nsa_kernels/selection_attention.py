@@ -58,7 +58,7 @@ BACKWARD_CHUNK_ROWS = 4096
 FWD_LAUNCH = {"num_warps": 4, "num_stages": 2}
 DQ_LAUNCH = {"num_warps": 4, "num_stages": 2}
 DKDV_LAUNCH = {"num_warps": 4, "num_stages": 2}
-DKDV_ROWS = 64  # gathered (query, head) rows per dK/dV step; halved for wide heads (registers)
+DKDV_ROWS = 64  # gathered (query, head) rows per dK/dV step; halved for wide heads and float32
 
 
 @triton.jit
@@ -341,7 +341,7 @@ class _SelectionAttention(torch.autograd.Function):
         _bwd_dkdv_kernel[(table.shape[0], block_size // block_n)](
             q, k, v, do, lse, delta, queries, table, dk_acc, dv_acc,
             seq_len, num_heads, groups, hpg, triton.cdiv(seq_len, block_size), scale,
-            BLOCK_SIZE=block_size, BLOCK_N=block_n, HPG_P=hpg_p, ROWS=DKDV_ROWS if dk_p + dv_p <= 256 else DKDV_ROWS // 2,
+            BLOCK_SIZE=block_size, BLOCK_N=block_n, HPG_P=hpg_p, ROWS=DKDV_ROWS if dk_p + dv_p <= 256 and q.element_size() == 2 else DKDV_ROWS // 2,
             DK=dk, DV=dv, DK_P=dk_p, DV_P=dv_p, PRECISION=precision,
             **DKDV_LAUNCH,
         )
