@@ -91,13 +91,11 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=64)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--components", action="store_true", help="also time each NSA stage")
-    p.add_argument("--serial-window", action="store_true", help="run the window branch on the main stream")
+    p.add_argument("--components", action="store_true", help="also time each NSA stage (forward)")
     p.add_argument("--json", help="write results here")
     p.add_argument("--plot", help="write a PNG plot here")
     args = p.parse_args()
 
-    ops.OVERLAP_WINDOW = not args.serial_window
     cfg, dev, dt = NSAConfig(), torch.device("cuda"), torch.bfloat16
     h, g, d = args.heads, args.kv_heads, args.head_dim
     compress_k = BlockCompressor(g, d, cfg, device=dev, dtype=dt)
@@ -105,8 +103,7 @@ def main() -> None:
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
             "command": " ".join([sys.executable.split("/")[-1]] + sys.argv), "rows": []}
-    print(f"# {info['device']}, torch {info['torch']}, triton {info['triton']}, bf16, B=1, H={h}, G={g}, d={d}, {cfg}, "
-          f"window on {'a side' if ops.OVERLAP_WINDOW else 'the main'} stream")
+    print(f"# {info['device']}, torch {info['torch']}, triton {info['triton']}, bf16, B=1, H={h}, G={g}, d={d}, {cfg}")
     header = "| T | flash fwd | cuDNN fwd | NSA fwd | fwd speed-up | flash f+b | cuDNN f+b | NSA f+b | f+b speed-up |"
     print(header + "\n|" + "---|" * 9, flush=True)
     for t in args.seq_lens:

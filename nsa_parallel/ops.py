@@ -6,8 +6,6 @@ runs Triton on CUDA tensors and the reference otherwise.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 from typing import Literal
 
@@ -208,39 +206,10 @@ def nsa_attention(
         check_attention_inputs(q, k_cmp, v_cmp, ("k_cmp", "v_cmp"))
         _check_compressed_length(q, k_cmp, config)
         return reference.nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, config, scale)
-    side = _side_stream(q.device) if OVERLAP_WINDOW and q.is_cuda else None
-    with _on_stream(side, q, k_win, v_win):
-        o_win = window_attention(q, k_win, v_win, config.window_size, scale, "triton")
     o_cmp, lse = _compressed_attention_with_lse(q, k_cmp, v_cmp, config, scale, "triton")
     block_indices = select_blocks(q.detach(), k_cmp.detach(), config, scale, "triton", lse=lse)
     o_slc = selection_attention(q, k_slc, v_slc, block_indices, config, scale, "triton")
-    if side is not None:
-        torch.cuda.current_stream(q.device).wait_stream(side)
-        o_win.record_stream(torch.cuda.current_stream(q.device))
+    o_win = window_attention(q, k_win, v_win, config.window_size, scale, "triton")
     from nsa_kernels.gated_combine import gated_combine
 
     return gated_combine(o_cmp, o_slc, o_win, gates)
-
-
-# The sliding window needs nothing from the other branches, so on a GPU it runs on a side
-# stream, filling the SMs that the L2-bound block scoring and selection attention leave
-# idle. Autograd runs its backward on that stream too, and synchronises the gradients.
-OVERLAP_WINDOW = True
-
-
-@functools.lru_cache(maxsize=None)
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
-    return torch.cuda.Stream(device)
-
-
-@contextlib.contextmanager
-def _on_stream(stream: "torch.cuda.Stream | None", *inputs: torch.Tensor):
-    """Runs the block on ``stream`` (after the work queued so far), or in place when ``None``."""
-    if stream is None:
-        yield
-        return
-    stream.wait_stream(torch.cuda.current_stream(stream.device))
-    for t in inputs:  # allocated on the current stream, read on the side one
-        t.record_stream(stream)
-    with torch.cuda.stream(stream):
-        yield
