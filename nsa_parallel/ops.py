@@ -110,7 +110,6 @@ def select_blocks(
     ``lse`` (``[B, H, T]`` float32, from the compression branch) saves the
     Triton backend one pass; the reference recomputes it.
     """
-    _check_rank4(q=q, k_cmp=k_cmp)
     check_attention_inputs(q, k_cmp, k_cmp, ("k_cmp", "k_cmp"))
     _check_compressed_length(q, k_cmp, config)
     scale = _scale(q, scale)
