@@ -1,6 +1,8 @@
 """``NativeSparseAttention``: the full NSA layer as a plain ``torch.nn.Module`` (no Megatron needed)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -11,6 +13,39 @@ from .rotary import apply_rotary, rotary_angles
 
 CP_LAYOUTS = ("contiguous", "zigzag")
 BRANCHES = ("cmp", "slc", "win")
+
+
+def nsa_branches(
+    q: torch.Tensor,
+    branch_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    gate_logits: torch.Tensor,
+    compress_k: BlockCompressor,
+    compress_v: BlockCompressor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    config: NSAConfig,
+    backend: ops.Backend = "auto",
+) -> torch.Tensor:
+    """Everything after the projections, shared by every NSA layer (plain torch and Megatron).
+
+    ``q [B, T, H, dk]``; ``branch_kv`` the (key, value) pairs of the compressed,
+    selected and window branches, ``[B, T, G, dk]`` / ``[B, T, G, dv]`` (raw keys,
+    not yet rotated); ``gate_logits [B, T, H, 3]``; ``cos``/``sin`` rotary tables
+    ``[>= T, dk]`` indexed by token position. Compressed keys are rotated at their
+    block's last token, the first query that may see them. Returns ``[B, T, H, dv]``.
+    """
+    (k_raw, v_raw), (k_slc, v_slc), (k_win, v_win) = branch_kv
+    seq = q.shape[1]
+    cos, sin = cos[:seq], sin[:seq]
+    q = apply_rotary(q, cos, sin)
+    k_cmp, v_cmp = compress_k(k_raw), compress_v(v_raw)
+    block_ends = torch.arange(k_cmp.shape[1], device=q.device) * config.compress_stride + config.compress_block_size - 1
+    k_cmp = apply_rotary(k_cmp, cos[block_ends], sin[block_ends])
+    k_slc, k_win = apply_rotary(k_slc, cos, sin), apply_rotary(k_win, cos, sin)
+    return ops.nsa_attention(
+        q, k_cmp.contiguous(), v_cmp.contiguous(), k_slc.contiguous(), v_slc.contiguous(),
+        k_win.contiguous(), v_win.contiguous(), torch.sigmoid(gate_logits), config, backend=backend,
+    )
 
 
 class NativeSparseAttention(nn.Module):
@@ -90,21 +125,9 @@ class NativeSparseAttention(nn.Module):
         if x.dim() != 3:
             raise ValueError(f"x must be [batch, seq, hidden], got shape {tuple(x.shape)}")
         batch, seq = x.shape[:2]
-        cfg = self.config
-
-        positions = torch.arange(seq, device=x.device)
-        cos, sin = rotary_angles(positions, self.head_dim, self.rotary_base)
-        q = apply_rotary(self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim), cos, sin)
-        (k_raw, v_raw), (k_slc, v_slc), (k_win, v_win) = self._branch_kv(x)
-
-        k_cmp, v_cmp = self.compress_k(k_raw), self.compress_v(v_raw)
-        block_ends = torch.arange(k_cmp.shape[1], device=x.device) * cfg.compress_stride + cfg.compress_block_size - 1
-        k_cmp = apply_rotary(k_cmp, *(t for t in rotary_angles(block_ends, self.head_dim, self.rotary_base)))
-        k_slc, k_win = apply_rotary(k_slc, cos, sin), apply_rotary(k_win, cos, sin)
-
-        gates = torch.sigmoid(self.gate_proj(x)).view(batch, seq, self.num_heads, len(BRANCHES))
-        out = ops.nsa_attention(
-            q, k_cmp.contiguous(), v_cmp.contiguous(), k_slc.contiguous(), v_slc.contiguous(),
-            k_win.contiguous(), v_win.contiguous(), gates, cfg, backend=self.backend,
-        )
+        cos, sin = rotary_angles(torch.arange(seq, device=x.device), self.head_dim, self.rotary_base)
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
+        gate_logits = self.gate_proj(x).view(batch, seq, self.num_heads, len(BRANCHES))
+        out = nsa_branches(q, self._branch_kv(x), gate_logits, self.compress_k, self.compress_v,
+                           cos, sin, self.config, self.backend)
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.v_head_dim))

@@ -1,0 +1,221 @@
+"""``NSASelfAttention``: NSA as a Megatron-core self-attention module (``[seq, batch, hidden]``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+from .. import ops
+from ..compression import BlockCompressor
+from ..config import NSAConfig
+from ..layer import BRANCHES, nsa_branches
+from ..rotary import rotary_angles
+
+
+@dataclass
+class NSASelfAttentionSubmodules:
+    """Linear layers of :class:`NSASelfAttention` (column-parallel in, row-parallel out)."""
+
+    linear_q: ModuleSpec | type | None = None
+    linear_kv: ModuleSpec | type | None = None
+    linear_gate: ModuleSpec | type | None = None
+    linear_proj: ModuleSpec | type | None = None
+
+
+def check_nsa_parallel_sizes(config: TransformerConfig, tp_size: int) -> None:
+    """Raises ``ValueError`` naming the field when heads or KV groups cannot be split over ``tp_size``."""
+    heads = config.num_attention_heads
+    groups = config.num_query_groups or heads
+    if heads % groups:
+        raise ValueError(f"num_attention_heads ({heads}) must be a multiple of num_query_groups ({groups})")
+    if heads % tp_size:
+        raise ValueError(
+            f"num_attention_heads ({heads}) must be divisible by tensor_model_parallel_size ({tp_size})")
+    if groups % tp_size:
+        raise ValueError(
+            f"num_query_groups ({groups}) must be divisible by tensor_model_parallel_size ({tp_size}) "
+            "for NSA: each rank owns whole KV groups with their compression weights")
+    if config.kv_channels is None or config.kv_channels % 2:
+        raise ValueError(f"kv_channels ({config.kv_channels}) must be even for rotary embeddings")
+
+
+class NSASelfAttention(MegatronModule):
+    """Native Sparse Attention with Megatron's tensor/sequence parallel linear layers.
+
+    Each TP rank owns ``H/tp`` query heads and ``G/tp`` KV groups, with the
+    compression ``phi`` of those groups. Projection outputs are laid out
+    head/group-major (``linear_kv``: ``[G, branch, dk + dv]``, ``linear_gate``:
+    ``[H, branch]``) so that concatenating the ranks' shards along dim 0 gives
+    the TP=1 layout, which is what lets checkpoints change TP size. Keys and
+    values use ``kv_channels`` for both head dims. Rotary: Megatron's
+    ``rotary_pos_emb`` when the model passes one (``position_embedding_type
+    ="rope"``), otherwise NSA's own with base ``rotary_base``; attention is
+    always causal.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: NSASelfAttentionSubmodules,
+        layer_number: int,
+        attn_mask_type: AttnMaskType = AttnMaskType.causal,
+        nsa_config: NSAConfig | None = None,
+        backend: ops.Backend = "auto",
+        rotary_base: float = 10000.0,
+        cp_comm_type: str | None = None,
+        pg_collection: Any = None,
+    ):
+        super().__init__(config=config)
+        nsa_config = NSAConfig() if nsa_config is None else nsa_config
+        if not isinstance(nsa_config, NSAConfig):
+            raise ValueError(f"nsa_config must be an NSAConfig, got {type(nsa_config).__name__}")
+        if attn_mask_type != AttnMaskType.causal:
+            raise ValueError(f"attn_mask_type ({attn_mask_type}) must be AttnMaskType.causal: NSA is causal")
+        ops.resolve_backend(backend, torch.empty(0))
+        self.tp_group = pg_collection.tp if pg_collection is not None else \
+            parallel_state.get_tensor_model_parallel_group()
+        tp_size = torch.distributed.get_world_size(self.tp_group)
+        tp_rank = torch.distributed.get_rank(self.tp_group)
+        check_nsa_parallel_sizes(config, tp_size)
+        if config.context_parallel_size > 1:
+            raise NotImplementedError("NSASelfAttention does not support context_parallel_size > 1 yet")
+
+        self.layer_number, self.nsa_config, self.backend = layer_number, nsa_config, backend
+        self.rotary_base = rotary_base
+        self.head_dim = config.kv_channels
+        groups = config.num_query_groups or config.num_attention_heads
+        self.heads_local = config.num_attention_heads // tp_size
+        self.groups_local = groups // tp_size
+        dk = self.head_dim
+        nb = len(BRANCHES)
+        column = dict(config=config, init_method=config.init_method, gather_output=False,
+                      skip_bias_add=False, is_expert=False, tp_group=self.tp_group)
+        qkv_bias = config.add_bias_linear or config.add_qkv_bias
+        self.linear_q = build_module(submodules.linear_q, config.hidden_size, config.num_attention_heads * dk,
+                                     bias=qkv_bias, tp_comm_buffer_name="nsa_q", **column)
+        self.linear_kv = build_module(submodules.linear_kv, config.hidden_size, groups * nb * 2 * dk,
+                                      bias=qkv_bias, tp_comm_buffer_name="nsa_kv", **column)
+        self.linear_gate = build_module(submodules.linear_gate, config.hidden_size, config.num_attention_heads * nb,
+                                        bias=True, tp_comm_buffer_name="nsa_gate", **column)
+        self.linear_proj = build_module(
+            submodules.linear_proj, config.num_attention_heads * dk, config.hidden_size, config=config,
+            init_method=config.output_layer_init_method, bias=config.add_bias_linear, input_is_parallel=True,
+            skip_bias_add=True, is_expert=False, tp_comm_buffer_name="proj", tp_group=self.tp_group)
+
+        device = torch.device("cpu") if config.use_cpu_initialization else torch.cuda.current_device()
+        factory = {"device": device, "dtype": config.params_dtype}
+        self.compress_k = BlockCompressor(self.groups_local, dk, nsa_config, **factory)
+        self.compress_v = BlockCompressor(self.groups_local, dk, nsa_config, **factory)
+        if tp_size > 1:
+            # Initialise as the TP=1 model would, then keep this rank's groups: the
+            # default RNG is seeded alike on all TP ranks, so groups would repeat.
+            first = tp_rank * self.groups_local
+            for local in (self.compress_k, self.compress_v):
+                full = BlockCompressor(groups, dk, nsa_config, dtype=config.params_dtype)
+                with torch.no_grad():
+                    for p, p_full in zip(local.parameters(), full.parameters()):
+                        p.copy_(p_full[first:first + self.groups_local])
+        # Marks phi as TP-sharded on dim 0, so Megatron's grad-norm and checkpoint
+        # utilities count each rank's groups once instead of as duplicates.
+        for p in (*self.compress_k.parameters(), *self.compress_v.parameters()):
+            set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
+
+    def _rotary_tables(self, seq: int, rotary_pos_emb: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if rotary_pos_emb is None:
+            return rotary_angles(torch.arange(seq, device=device), self.head_dim, self.rotary_base)
+        if isinstance(rotary_pos_emb, tuple):
+            raise NotImplementedError("NSASelfAttention takes one rotary_pos_emb tensor, not a (q, k) pair")
+        if self.config.rotary_interleaved:
+            raise NotImplementedError("NSASelfAttention does not support rotary_interleaved")
+        freqs = rotary_pos_emb.reshape(rotary_pos_emb.shape[0], -1)  # [s, 1, 1, dim] -> [s, dim]
+        if freqs.shape[-1] != self.head_dim or freqs.shape[0] < seq:
+            raise NotImplementedError(
+                f"rotary_pos_emb of shape {tuple(rotary_pos_emb.shape)} must cover all {seq} positions and all "
+                f"{self.head_dim} channels of a head (rotary_percent < 1 is not supported)")
+        return freqs.cos(), freqs.sin()
+
+    @staticmethod
+    def _check_mask(attention_mask: torch.Tensor | None, seq: int) -> None:
+        if attention_mask is None:
+            return
+        # Megatron's convention: True = masked out. A full O(s^2) comparison would cost
+        # as much as attention at long context, so check what tells causal from padding.
+        if attention_mask.shape[-2:] != (seq, seq):
+            raise ValueError(f"attention_mask must be [..., {seq}, {seq}], got shape {tuple(attention_mask.shape)}")
+        last_row_sees_all = not attention_mask[..., -1, :].any()
+        first_row_sees_self_only = bool(attention_mask[..., 0, 1:].all()) and not attention_mask[..., 0, 0].any()
+        if not (last_row_sees_all and first_row_sees_self_only):
+            raise NotImplementedError("NSASelfAttention is causal; attention_mask must be None or causal "
+                                      "(padding and custom masks are not supported)")
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        key_value_states: torch.Tensor | None = None,
+        inference_context: Any = None,
+        rotary_pos_emb: Any = None,
+        rotary_pos_cos: torch.Tensor | None = None,
+        rotary_pos_sin: torch.Tensor | None = None,
+        rotary_pos_cos_sin: torch.Tensor | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: Any = None,
+        sequence_len_offset: Any = None,
+        *,
+        inference_params: Any = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``hidden_states [s, b, h]`` (``[s/tp, b, h]`` with sequence parallelism) -> ``(output, bias)``."""
+        if key_value_states is not None:
+            raise ValueError("NSASelfAttention is self-attention; key_value_states (cross attention) is not supported")
+        if packed_seq_params is not None:
+            raise NotImplementedError("NSASelfAttention does not support packed sequences (packed_seq_params)")
+        if inference_context is not None or inference_params is not None:
+            raise NotImplementedError("NSASelfAttention has no KV cache for inference (inference_context)")
+        if attention_bias is not None:
+            raise NotImplementedError("NSASelfAttention does not support attention_bias")
+        if any(t is not None for t in (rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin)):
+            raise NotImplementedError("NSASelfAttention takes rotary_pos_emb, not precomputed rotary cos/sin")
+
+        q, _ = self.linear_q(hidden_states)  # column-parallel: gathers the sequence under SP
+        kv, _ = self.linear_kv(hidden_states)
+        gate_logits, _ = self.linear_gate(hidden_states)
+        seq, batch = q.shape[:2]
+        self._check_mask(attention_mask, seq)
+        nb, dk = len(BRANCHES), self.head_dim
+        q = q.view(seq, batch, self.heads_local, dk).transpose(0, 1)
+        kv = kv.view(seq, batch, self.groups_local, nb, 2 * dk).transpose(0, 1)
+        branch_kv = [(kv[:, :, :, i, :dk], kv[:, :, :, i, dk:]) for i in range(nb)]
+        gate_logits = gate_logits.view(seq, batch, self.heads_local, nb).transpose(0, 1)
+        cos, sin = self._rotary_tables(seq, rotary_pos_emb, q.device)
+        out = nsa_branches(q, branch_kv, gate_logits, self.compress_k, self.compress_v, cos, sin,
+                           self.nsa_config, self.backend)
+        out = out.transpose(0, 1).reshape(seq, batch, self.heads_local * dk)
+        return self.linear_proj(out)  # row-parallel: reduce(-scatter under SP), bias returned apart
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> ShardedStateDict:
+        """Linear layers shard as Megatron's do; ``phi`` shards along its KV-group dim 0."""
+        # The same data-parallel replica group Megatron's own layers use.
+        dp_cp_group = (metadata or {}).get("dp_cp_group") or \
+            parallel_state.get_data_parallel_group(with_context_parallel=True)
+        sharded = {}
+        for name, module in self.named_children():
+            if isinstance(module, BlockCompressor):
+                state = module.state_dict(prefix="", keep_vars=True)
+                sharded.update(make_sharded_tensors_for_checkpoint(
+                    state, f"{prefix}{name}.", {key: 0 for key in state}, sharded_offsets,
+                    tp_group=self.tp_group, dp_cp_group=dp_cp_group))
+            else:
+                sharded.update(module.sharded_state_dict(f"{prefix}{name}.", sharded_offsets, metadata))
+        return sharded

@@ -1,0 +1,108 @@
+"""Megatron-core layer and block specs whose self-attention is NSA.
+
+Everything but attention comes from Megatron's own GPT specs
+(``get_gpt_layer_local_spec`` / ``get_gpt_layer_with_transformer_engine_spec``),
+so norms (apex fused when apex is present, torch otherwise; TE with
+``use_transformer_engine``) and the MLP are exactly those of a stock model.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from megatron.core.models.gpt import gpt_layer_specs
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from .. import ops
+from ..config import NSAConfig
+from .attention import NSASelfAttention, NSASelfAttentionSubmodules
+
+
+def _nsa_attention_spec(nsa_config: NSAConfig | None, backend: ops.Backend, rotary_base: float,
+                        column: type, row: type) -> ModuleSpec:
+    if nsa_config is not None and not isinstance(nsa_config, NSAConfig):
+        raise ValueError(f"nsa_config must be an NSAConfig, got {type(nsa_config).__name__}")
+    ops.resolve_backend(backend, torch.empty(0))
+    return ModuleSpec(
+        module=NSASelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal, "nsa_config": nsa_config or NSAConfig(),
+                "backend": backend, "rotary_base": rotary_base},
+        submodules=NSASelfAttentionSubmodules(linear_q=column, linear_kv=column, linear_gate=column,
+                                              linear_proj=row),
+    )
+
+
+def _dense_layer_spec(use_transformer_engine: bool, **kwargs: Any) -> ModuleSpec:
+    if use_transformer_engine:
+        if not gpt_layer_specs.HAVE_TE:
+            raise ValueError("use_transformer_engine=True needs transformer_engine installed")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**kwargs)
+    return gpt_layer_specs.get_gpt_layer_local_spec(**kwargs)
+
+
+def get_gpt_layer_nsa_spec(
+    nsa_config: NSAConfig | None = None,
+    backend: ops.Backend = "auto",
+    rotary_base: float = 10000.0,
+    use_transformer_engine: bool = False,
+    **kwargs: Any,
+) -> ModuleSpec:
+    """A ``TransformerLayer`` spec like Megatron's GPT layer spec, with NSA self-attention.
+
+    ``kwargs`` go to Megatron's ``get_gpt_layer_local_spec`` (or the Transformer
+    Engine spec with ``use_transformer_engine``), e.g. ``normalization="RMSNorm"``
+    or ``num_experts``. NSA hyper-parameters travel in ``nsa_config``;
+    ``rotary_base`` is used when the model passes no ``rotary_pos_emb``
+    (``position_embedding_type="none"``).
+    """
+    if kwargs.get("multi_latent_attention"):
+        raise ValueError("multi_latent_attention cannot be combined with NSA attention")
+    dense = _dense_layer_spec(use_transformer_engine, **kwargs)
+    if use_transformer_engine:
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear, TENorm, TERowParallelLinear)
+        # The TE spec fuses the input norm into linear_qkv; NSA's projections need it apart.
+        column, row, input_layernorm = TEColumnParallelLinear, TERowParallelLinear, TENorm
+    else:
+        column, row, input_layernorm = ColumnParallelLinear, RowParallelLinear, dense.submodules.input_layernorm
+    # Megatron maps input_layernorm onto linear_qkv's fused norm for TE checkpoints; NSA has no linear_qkv.
+    keys_map = {k: v for k, v in dense.submodules.sharded_state_dict_keys_map.items() if "linear_qkv" not in v}
+    submodules = dataclasses.replace(
+        dense.submodules,
+        input_layernorm=input_layernorm,
+        self_attention=_nsa_attention_spec(nsa_config, backend, rotary_base, column, row),
+        sharded_state_dict_keys_map=keys_map,
+    )
+    return ModuleSpec(module=dense.module, params=dict(dense.params), submodules=submodules)
+
+
+def get_gpt_decoder_block_nsa_spec(
+    config: TransformerConfig,
+    nsa_layers: Sequence[bool | int],
+    nsa_config: NSAConfig | None = None,
+    backend: ops.Backend = "auto",
+    rotary_base: float = 10000.0,
+    use_transformer_engine: bool = False,
+    **kwargs: Any,
+) -> TransformerBlockSubmodules:
+    """A decoder block mixing NSA layers (``nsa_layers[i]`` true) with Megatron's standard attention.
+
+    ``nsa_layers`` has one entry per layer of the whole model (``config.num_layers``);
+    with pipeline parallelism this stage's slice is built, as Megatron's
+    ``get_gpt_decoder_block_spec`` does. ``kwargs`` go to both layer specs.
+    """
+    if len(nsa_layers) != config.num_layers:
+        raise ValueError(f"nsa_layers has {len(nsa_layers)} entries; num_layers is {config.num_layers}")
+    nsa = get_gpt_layer_nsa_spec(nsa_config, backend, rotary_base, use_transformer_engine, **kwargs)
+    dense = _dense_layer_spec(use_transformer_engine, **kwargs)
+    offset = get_transformer_layer_offset(config)
+    layers = [nsa if flag else dense for flag in nsa_layers]
+    layers = layers[offset:offset + get_num_layers_to_build(config)]
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=nsa.submodules.input_layernorm)

@@ -1,0 +1,176 @@
+"""NSA in Megatron-core at world size 1 (gloo, CPU): GPT training, equivalence with NativeSparseAttention, guards."""
+import os
+import tempfile
+import warnings
+
+import pytest
+import torch
+
+megatron_core = pytest.importorskip("megatron.core")
+
+import torch.distributed as dist  # noqa: E402
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+
+from nsa_parallel import NativeSparseAttention, NSAConfig  # noqa: E402
+from nsa_parallel.megatron import (  # noqa: E402
+    NSASelfAttention, get_gpt_decoder_block_nsa_spec, get_gpt_layer_nsa_spec)
+
+from conftest import assert_close  # noqa: E402
+
+TINY = NSAConfig(compress_block_size=16, compress_stride=8, select_block_size=16, num_selected_blocks=4,
+                 window_size=32)
+SEQ, VOCAB = 96, 32
+
+
+def tiny_config(**kw) -> TransformerConfig:
+    args = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+                ffn_hidden_size=128, use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0)
+    args.update(kw)
+    return TransformerConfig(**args)
+
+
+def tiny_gpt(config: TransformerConfig, position_embedding_type: str = "none", spec=None) -> GPTModel:
+    spec = spec or get_gpt_layer_nsa_spec(TINY, backend="reference")
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ,
+                     position_embedding_type=position_embedding_type)
+    if position_embedding_type == "rope":
+        rope = model.rotary_pos_emb
+        # Megatron's RotaryEmbedding.get_emb moves inv_freq to CUDA; the same table on the CPU:
+        rope.get_emb = lambda max_seq_len, offset=0: torch.cat(
+            [rope.get_freqs_non_repeated(max_seq_len, offset)] * 2, dim=-1)[:, None, None, :]
+    return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def model_parallel():
+    """gloo, world size 1, TP=1: what Megatron's linear layers need on the CPU."""
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    warnings.filterwarnings("ignore", module="megatron")
+    yield
+    parallel_state.destroy_model_parallel()
+    if owned:
+        dist.destroy_process_group()
+
+
+def learnable_batch(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """A short random motif repeated: after the first period every token is predictable."""
+    g = torch.Generator().manual_seed(1)
+    motif = torch.randint(0, VOCAB, (batch, 12), generator=g)
+    ids = motif.repeat(1, SEQ // 12 + 1)[:, : SEQ + 1]
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+@pytest.mark.parametrize("position_embedding_type", ["none", "rope"])
+def test_gpt_with_nsa_spec_trains(position_embedding_type):
+    torch.manual_seed(0)
+    model = tiny_gpt(tiny_config(), position_embedding_type)
+    assert all(isinstance(layer.self_attention, NSASelfAttention) for layer in model.decoder.layers)
+    tokens, labels = learnable_batch()
+    positions = torch.arange(SEQ)[None].expand_as(tokens)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = model(tokens, positions, None, labels=labels).mean()
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_causal_mask_accepted_padding_mask_rejected():
+    torch.manual_seed(0)
+    model = tiny_gpt(tiny_config())
+    tokens, _ = learnable_batch()
+    positions = torch.arange(SEQ)[None].expand_as(tokens)
+    causal = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), 1)[None, None]
+    assert torch.equal(model(tokens, positions, causal), model(tokens, positions, None))
+    padding = causal.clone()
+    padding[..., -4:] = True
+    with pytest.raises(NotImplementedError, match="causal"):
+        model(tokens, positions, padding)
+
+
+def test_megatron_attention_equals_native_sparse_attention():
+    torch.manual_seed(0)
+    config = tiny_config(params_dtype=torch.float64, add_bias_linear=False)
+    spec = get_gpt_layer_nsa_spec(TINY, backend="reference").submodules.self_attention
+    mega = NSASelfAttention(config, spec.submodules, layer_number=1, **spec.params)
+    native = NativeSparseAttention(64, 4, 2, 16, config=TINY, backend="reference", dtype=torch.float64)
+    groups, hidden = 2, 64
+    with torch.no_grad():
+        mega.linear_q.weight.copy_(native.q_proj.weight)
+        # native kv rows are [branch, group, dk + dv]; Megatron's are group-major [group, branch, dk + dv]
+        mega.linear_kv.weight.copy_(native.kv_proj.weight.view(3, groups, -1, hidden).transpose(0, 1)
+                                    .reshape(-1, hidden))
+        mega.linear_gate.weight.copy_(native.gate_proj.weight)
+        mega.linear_gate.bias.copy_(native.gate_proj.bias)
+        mega.linear_proj.weight.copy_(native.o_proj.weight)
+    mega.compress_k.load_state_dict(native.compress_k.state_dict())
+    mega.compress_v.load_state_dict(native.compress_v.state_dict())
+
+    x = torch.randn(2, 83, hidden, dtype=torch.float64)
+    x_native, x_mega = x.clone().requires_grad_(), x.transpose(0, 1).clone().requires_grad_()
+    y_native = native(x_native)
+    y_mega, bias = mega(x_mega, None)
+    assert bias is None
+    assert_close(y_mega.transpose(0, 1), y_native, torch.float64, "output")
+    up = torch.randn_like(y_native)
+    y_native.backward(up)
+    y_mega.backward(up.transpose(0, 1))
+    assert_close(x_mega.grad.transpose(0, 1), x_native.grad, torch.float64, "input grad")
+    pairs = {
+        "q": (mega.linear_q.weight, native.q_proj.weight),
+        "gate": (mega.linear_gate.weight, native.gate_proj.weight),
+        "gate bias": (mega.linear_gate.bias, native.gate_proj.bias),
+        "proj": (mega.linear_proj.weight, native.o_proj.weight),
+    }
+    for name, (a, b) in pairs.items():
+        assert_close(a.grad, b.grad, torch.float64, name)
+    kv_native = native.kv_proj.weight.grad.view(3, groups, -1, hidden).transpose(0, 1).reshape(-1, hidden)
+    assert_close(mega.linear_kv.weight.grad, kv_native, torch.float64, "kv")
+    for (name, a), b in zip(mega.compress_k.named_parameters(), native.compress_k.parameters()):
+        assert_close(a.grad, b.grad, torch.float64, f"compress_k.{name}")
+
+
+def test_heterogeneous_block_spec():
+    torch.manual_seed(0)
+    config = tiny_config(num_layers=3)
+    block = get_gpt_decoder_block_nsa_spec(config, [True, False, True], TINY, backend="reference")
+    model = tiny_gpt(config, spec=block)
+    kinds = [type(layer.self_attention).__name__ for layer in model.decoder.layers]
+    assert kinds == ["NSASelfAttention", "SelfAttention", "NSASelfAttention"]
+    with pytest.raises(ValueError, match="nsa_layers"):
+        get_gpt_decoder_block_nsa_spec(config, [True, False])
+
+
+def _build_attention(config: TransformerConfig, nsa_config=TINY):
+    spec = get_gpt_layer_nsa_spec(nsa_config, backend="reference").submodules.self_attention
+    return NSASelfAttention(config, spec.submodules, layer_number=1, **spec.params)
+
+
+def test_bad_settings_raise_clear_errors():
+    with pytest.raises(ValueError, match="compress_block_size"):
+        NSAConfig(compress_block_size=12, compress_stride=8)
+    with pytest.raises(ValueError, match="nsa_config"):
+        get_gpt_layer_nsa_spec({"window_size": 32})
+    with pytest.raises(ValueError, match="backend"):
+        get_gpt_layer_nsa_spec(TINY, backend="cuda")
+    with pytest.raises(ValueError, match="kv_channels"):
+        _build_attention(tiny_config(kv_channels=15))
+
+
+def test_unsupported_arguments_raise():
+    torch.manual_seed(0)
+    attn = _build_attention(tiny_config())
+    x = torch.randn(40, 1, 64)
+    with pytest.raises(ValueError, match="key_value_states"):
+        attn(x, None, key_value_states=x)
+    with pytest.raises(NotImplementedError, match="packed_seq_params"):
+        attn(x, None, packed_seq_params=object())
