@@ -1,0 +1,177 @@
+"""The training job's configuration: OmegaConf YAML files checked against a typed schema.
+
+A file may name another with ``base: other.yaml`` (relative to itself); its keys override
+the base's, and command-line dotlist overrides (``train.max_steps=100``) override both.
+Unknown keys, wrong types and invalid values are errors naming the key, raised before
+any worker starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import NSAConfig
+
+
+@dataclass
+class ModelSection:
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    kv_channels: int = 16
+    ffn_hidden_size: int = 256
+    vocab_size: int = 64
+    rotary_base: float = 10000.0
+
+
+@dataclass
+class NSASection:
+    compress_block_size: int = 32
+    compress_stride: int = 16
+    select_block_size: int = 64
+    num_selected_blocks: int = 16
+    window_size: int = 512
+
+
+@dataclass
+class ParallelSection:
+    tensor_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 100
+    seq_length: int = 4096
+    micro_batch_size: int = 1
+    global_batch_size: int = 1
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    output_dir: str = "outputs/run"
+    checkpoint_interval: int = 50
+    log_interval: int = 10
+    seed: int = 1234
+    precision: str = "bf16"
+
+
+@dataclass
+class DataSection:
+    path: Optional[str] = None  # Megatron indexed dataset prefix; None: the built-in retrieval task
+    num_pairs: int = 32
+
+
+@dataclass
+class LaunchSection:
+    address: Optional[str] = None  # Ray cluster address; None: an embedded local Ray
+    num_workers: int = 1
+    gpus_per_worker: int = 0
+    cpus_per_worker: int = 1
+
+
+@dataclass
+class JobConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    nsa: NSASection = field(default_factory=NSASection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    data: DataSection = field(default_factory=DataSection)
+    launch: LaunchSection = field(default_factory=LaunchSection)
+
+    @property
+    def nsa_config(self) -> NSAConfig:
+        return NSAConfig(**{f.name: getattr(self.nsa, f.name) for f in fields(NSASection)})
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.num_workers
+
+    @property
+    def data_parallel_size(self) -> int:
+        p = self.parallel
+        return self.world_size // (p.tensor_model_parallel_size * p.context_parallel_size
+                                   * p.pipeline_model_parallel_size)
+
+
+PRECISIONS = ("bf16", "fp32")
+
+
+def _layers(path: Path, seen: tuple[Path, ...] = ()) -> list:
+    """The file and its ``base:`` chain, base first."""
+    path = path.resolve()
+    if path in seen:
+        raise ValueError(f"base: {path} includes itself")
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    node = OmegaConf.load(path)
+    base = node.pop("base", None)
+    return (_layers(path.parent / base, seen + (path,)) if base else []) + [node]
+
+
+def load_job_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    """Loads ``path`` (with its ``base:`` chain) and dotlist ``overrides``, then validates."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(JobConfig), *_layers(Path(path)),
+                                 OmegaConf.from_dotlist(list(overrides or [])))
+    except OmegaConfBaseException as err:  # unknown key or wrong type, named by OmegaConf
+        raise ValueError(f"invalid config {path}: {err}") from None
+    config: JobConfig = OmegaConf.to_object(merged)
+    validate(config)
+    return config
+
+
+def _positive(section: object, prefix: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value <= 0:
+            raise ValueError(f"{prefix}.{name} ({value}) must be positive")
+
+
+def validate(c: JobConfig) -> None:
+    """Checks values and their relations; every message names the key."""
+    try:
+        c.nsa_config
+    except ValueError as err:
+        raise ValueError(f"nsa.{err}") from None
+    m, p, t, lc = c.model, c.parallel, c.train, c.launch
+    _positive(m, "model", ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                           "kv_channels", "ffn_hidden_size", "vocab_size"))
+    _positive(p, "parallel", ("tensor_model_parallel_size", "context_parallel_size",
+                              "pipeline_model_parallel_size"))
+    _positive(t, "train", ("max_steps", "seq_length", "micro_batch_size", "global_batch_size",
+                           "checkpoint_interval", "log_interval"))
+    _positive(lc, "launch", ("num_workers", "cpus_per_worker"))
+    if lc.gpus_per_worker < 0:
+        raise ValueError(f"launch.gpus_per_worker ({lc.gpus_per_worker}) must not be negative")
+    if t.precision not in PRECISIONS:
+        raise ValueError(f"train.precision ({t.precision!r}) must be one of {PRECISIONS}")
+    if m.num_attention_heads % m.num_query_groups:
+        raise ValueError(f"model.num_attention_heads ({m.num_attention_heads}) must be a multiple of "
+                         f"model.num_query_groups ({m.num_query_groups})")
+    tp = p.tensor_model_parallel_size
+    if m.num_query_groups % tp:
+        raise ValueError(f"model.num_query_groups ({m.num_query_groups}) must be divisible by "
+                         f"parallel.tensor_model_parallel_size ({tp})")
+    if m.num_layers % p.pipeline_model_parallel_size:
+        raise ValueError(f"model.num_layers ({m.num_layers}) must be divisible by "
+                         f"parallel.pipeline_model_parallel_size ({p.pipeline_model_parallel_size})")
+    model_parallel = tp * p.context_parallel_size * p.pipeline_model_parallel_size
+    if lc.num_workers % model_parallel:
+        raise ValueError(f"launch.num_workers ({lc.num_workers}) must be a multiple of tensor x context x "
+                         f"pipeline parallel sizes ({model_parallel})")
+    # Megatron's load-balanced layout cuts the sequence into 2*CP chunks of whole selection blocks.
+    chunk = 2 * p.context_parallel_size * c.nsa.select_block_size
+    if t.seq_length % chunk:
+        raise ValueError(f"train.seq_length ({t.seq_length}) must be divisible by 2 x "
+                         f"parallel.context_parallel_size x nsa.select_block_size ({chunk})")
+    per_step = t.micro_batch_size * c.data_parallel_size
+    if t.global_batch_size % per_step:
+        raise ValueError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                         f"train.micro_batch_size x data-parallel size ({per_step})")
