@@ -52,16 +52,25 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, na
         raise ValueError(f"query heads ({heads}) must be a multiple of KV heads ({groups})")
 
 
-def _check_full_length(q: torch.Tensor, k: torch.Tensor, name: str = "k") -> None:
-    if k.shape[1] != q.shape[1]:
-        raise ValueError(f"{name} length ({k.shape[1]}) must equal q length ({q.shape[1]})")
+def _check_query_offset(query_offset: int) -> None:
+    if isinstance(query_offset, bool) or not isinstance(query_offset, int) or query_offset < 0:
+        raise ValueError(f"query_offset ({query_offset!r}) must be a non-negative integer")
 
 
-def _check_compressed_length(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig) -> None:
-    expected = config.num_compressed(q.shape[1])
+def _check_full_length(q: torch.Tensor, k: torch.Tensor, name: str = "k", query_offset: int = 0) -> None:
+    _check_query_offset(query_offset)
+    if k.shape[1] != query_offset + q.shape[1]:
+        rule = "q length" if query_offset == 0 else f"query_offset + q length ({query_offset} + {q.shape[1]})"
+        raise ValueError(f"{name} length ({k.shape[1]}) must equal {rule}")
+
+
+def _check_compressed_length(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig, query_offset: int = 0) -> None:
+    _check_query_offset(query_offset)
+    seq_len = query_offset + q.shape[1]
+    expected = config.num_compressed(seq_len)
     if k_cmp.shape[1] != expected:
         raise ValueError(
-            f"k_cmp has {k_cmp.shape[1]} compressed tokens; a sequence of {q.shape[1]} tokens with "
+            f"k_cmp has {k_cmp.shape[1]} compressed tokens; a sequence of {seq_len} tokens with "
             f"compress_block_size {config.compress_block_size} and compress_stride "
             f"{config.compress_stride} has {expected}"
         )
@@ -78,23 +87,31 @@ def compressed_attention(
     config: NSAConfig,
     scale: float | None = None,
     backend: Backend = "auto",
-) -> torch.Tensor:
-    """Attention over compression blocks wholly in the past; ``[B, T, H, dv]``."""
-    return _compressed_attention_with_lse(q, k_cmp, v_cmp, config, scale, backend)[0]
+    *,
+    query_offset: int = 0,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention over compression blocks wholly in the past; ``[B, T, H, dv]``.
 
-
-def _compressed_attention_with_lse(q, k_cmp, v_cmp, config, scale, backend):
+    Queries sit at positions ``query_offset .. query_offset + T - 1`` (a shard of a
+    longer sequence) and ``k_cmp`` holds every compressed token of positions
+    ``0 .. query_offset + T - 1``. With ``return_lse`` also returns the row
+    log-sum-exp ``[B, H, T]`` (float32) for :func:`select_blocks`; ``None`` from
+    the reference backend, which does not need it.
+    """
     check_attention_inputs(q, k_cmp, v_cmp, ("k_cmp", "v_cmp"))
-    _check_compressed_length(q, k_cmp, config)
+    _check_compressed_length(q, k_cmp, config, query_offset)
     scale = _scale(q, scale)
     if resolve_backend(backend, q) == "reference":
-        return reference.compressed_attention(q, k_cmp, v_cmp, config, scale), None
-    from nsa_kernels.banded_attention import banded_attention
+        out, lse = reference.compressed_attention(q, k_cmp, v_cmp, config, scale, query_offset), None
+    else:
+        from nsa_kernels.banded_attention import banded_attention
 
-    return banded_attention(
-        q, k_cmp, v_cmp,
-        key_stride=config.compress_stride, key_offset=config.compress_block_size - 1, window=None, scale=scale,
-    )
+        out, lse = banded_attention(
+            q, k_cmp, v_cmp, key_stride=config.compress_stride,
+            key_offset=config.compress_block_size - 1 - query_offset, window=None, scale=scale,
+        )
+    return (out, lse) if return_lse else out
 
 
 def select_blocks(
@@ -104,26 +121,32 @@ def select_blocks(
     scale: float | None = None,
     backend: Backend = "auto",
     lse: torch.Tensor | None = None,
+    *,
+    query_offset: int = 0,
 ) -> torch.Tensor:
     """Top-n selection block ids per query and KV group: int32 ``[B, T, G, n]``, ascending, ``-1`` padded.
 
-    ``lse`` (``[B, H, T]`` float32, from the compression branch) saves the
-    Triton backend one pass; the reference recomputes it.
+    Block ids are global (block ``j`` covers positions ``[j*l', (j+1)*l')``) when the
+    queries sit at ``query_offset ..`` as in :func:`compressed_attention`. ``lse``
+    (``[B, H, T]`` float32, from the compression branch) saves the Triton backend
+    one pass; the reference recomputes it.
     """
     check_attention_inputs(q, k_cmp, k_cmp, ("k_cmp", "k_cmp"))
-    _check_compressed_length(q, k_cmp, config)
+    _check_compressed_length(q, k_cmp, config, query_offset)
     scale = _scale(q, scale)
     with torch.no_grad():
         if resolve_backend(backend, q) == "reference":
-            return reference.select_blocks(q, k_cmp, config, scale)
+            return reference.select_blocks(q, k_cmp, config, scale, query_offset)
         from nsa_kernels.block_selection import select_blocks as select_blocks_kernel
 
         if lse is None:
-            _, lse = _compressed_attention_with_lse(q, k_cmp, k_cmp, config, scale, "triton")
+            _, lse = compressed_attention(q, k_cmp, k_cmp, config, scale, "triton",
+                                          query_offset=query_offset, return_lse=True)
         return select_blocks_kernel(
             q, k_cmp, lse,
             compress_block_size=config.compress_block_size, compress_stride=config.compress_stride,
             select_block_size=config.select_block_size, num_selected=config.num_selected_blocks, scale=scale,
+            query_offset=query_offset,
         )
 
 
@@ -135,10 +158,17 @@ def selection_attention(
     config: NSAConfig,
     scale: float | None = None,
     backend: Backend = "auto",
+    *,
+    query_offset: int = 0,
 ) -> torch.Tensor:
-    """Attention over the selected blocks of each query's group (causal inside the own block)."""
+    """Attention over the selected blocks of each query's group (causal inside the own block).
+
+    Keys sit at positions ``0 .. S-1`` and queries at ``query_offset .. S-1``
+    (``S = query_offset + T``): context parallelism puts fetched remote blocks
+    before the local tokens and remaps ``block_indices`` into that cache.
+    """
     check_attention_inputs(q, k, v)
-    _check_full_length(q, k)
+    _check_full_length(q, k, query_offset=query_offset)
     expected = (q.shape[0], q.shape[1], k.shape[2])
     if block_indices.dim() != 4 or tuple(block_indices.shape[:3]) != expected:
         raise ValueError(f"block_indices must be [B, T, G, n] = [{', '.join(map(str, expected))}, n], "
@@ -147,11 +177,12 @@ def selection_attention(
         raise ValueError(f"block_indices must be an integer tensor, got {block_indices.dtype}")
     scale = _scale(q, scale)
     if resolve_backend(backend, q) == "reference":
-        return reference.selection_attention(q, k, v, block_indices, config, scale)
+        return reference.selection_attention(q, k, v, block_indices, config, scale, query_offset)
     from nsa_kernels.selection_attention import selection_attention as selection_attention_kernel
 
     return selection_attention_kernel(
-        q, k, v, block_indices.to(torch.int32), select_block_size=config.select_block_size, scale=scale
+        q, k, v, block_indices.to(torch.int32), select_block_size=config.select_block_size, scale=scale,
+        query_offset=query_offset,
     )
 
 
@@ -162,18 +193,21 @@ def window_attention(
     window_size: int,
     scale: float | None = None,
     backend: Backend = "auto",
+    *,
+    query_offset: int = 0,
 ) -> torch.Tensor:
-    """Sliding-window causal attention: query ``t`` sees keys ``max(0, t-w+1) .. t``."""
+    """Sliding-window causal attention: query ``t`` (at ``p = query_offset + t``) sees keys
+    ``max(0, p-w+1) .. p``; keys sit at ``0 .. query_offset + T - 1`` (a halo then the queries' own)."""
     check_attention_inputs(q, k, v)
-    _check_full_length(q, k)
+    _check_full_length(q, k, query_offset=query_offset)
     if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size <= 0:
         raise ValueError(f"window_size ({window_size!r}) must be a positive integer")
     scale = _scale(q, scale)
     if resolve_backend(backend, q) == "reference":
-        return reference.window_attention(q, k, v, window_size, scale)
+        return reference.window_attention(q, k, v, window_size, scale, query_offset)
     from nsa_kernels.banded_attention import banded_attention
 
-    return banded_attention(q, k, v, key_stride=1, key_offset=0, window=window_size, scale=scale)[0]
+    return banded_attention(q, k, v, key_stride=1, key_offset=-query_offset, window=window_size, scale=scale)[0]
 
 
 def nsa_attention(
@@ -205,7 +239,7 @@ def nsa_attention(
         check_attention_inputs(q, k_cmp, v_cmp, ("k_cmp", "v_cmp"))
         _check_compressed_length(q, k_cmp, config)
         return reference.nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, config, scale)
-    o_cmp, lse = _compressed_attention_with_lse(q, k_cmp, v_cmp, config, scale, "triton")
+    o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, config, scale, "triton", return_lse=True)
     block_indices = select_blocks(q.detach(), k_cmp.detach(), config, scale, "triton", lse=lse)
     o_slc = selection_attention(q, k_slc, v_slc, block_indices, config, scale, "triton")
     o_win = window_attention(q, k_win, v_win, config.window_size, scale, "triton")

@@ -64,13 +64,15 @@ def compressed_key_ends(num_compressed: int, config: NSAConfig, device: torch.de
 
 
 def compressed_attention(
-    q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, config: NSAConfig, scale: float
+    q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, config: NSAConfig, scale: float,
+    query_offset: int = 0,
 ) -> torch.Tensor:
-    """Query ``t`` attends to compression block ``i`` iff ``i*d + l - 1 <= t``."""
+    """Query ``t`` (at position ``query_offset + t``) attends to compression block ``i`` iff
+    ``i*d + l - 1 <= query_offset + t``."""
     ends = compressed_key_ends(k_cmp.shape[1], config, q.device)
     out = []
     for t0, t1 in _query_chunks(q.shape[1]):
-        visible = ends[None, :] <= _positions(t0, t1, q.device)[:, None]
+        visible = ends[None, :] <= _positions(query_offset + t0, query_offset + t1, q.device)[:, None]
         out.append(masked_attention(q[:, t0:t1], k_cmp, v_cmp, visible, scale))
     return torch.cat(out, dim=1)
 
@@ -86,17 +88,20 @@ def overlap_weights(num_compressed: int, num_blocks: int, config: NSAConfig, dev
     return overlap.clamp(min=0) / d
 
 
-def selection_scores(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig, scale: float) -> torch.Tensor:
+def selection_scores(
+    q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig, scale: float, query_offset: int = 0
+) -> torch.Tensor:
     """``p_grp[b, t, g, j]``: compression probabilities mapped to selection blocks by overlap,
-    summed over the heads of group ``g``; ``[B, T, G, Ns]``."""
+    summed over the heads of group ``g``; ``[B, T, G, Ns]`` with ``Ns`` the blocks covering
+    positions ``0 .. query_offset + T - 1``."""
     batch, seq_len, num_heads, _ = q.shape
     num_groups = k_cmp.shape[2]
-    num_blocks = config.num_select_blocks(seq_len)
+    num_blocks = config.num_select_blocks(query_offset + seq_len)
     ends = compressed_key_ends(k_cmp.shape[1], config, q.device)
     weights = overlap_weights(k_cmp.shape[1], num_blocks, config, q.device).to(q.dtype)
     out = []
     for t0, t1 in _query_chunks(seq_len):
-        t = _positions(t0, t1, q.device)
+        t = _positions(query_offset + t0, query_offset + t1, q.device)
         scores = torch.einsum("bthd,bshd->bhts", q[:, t0:t1], expand_kv_heads(k_cmp, num_heads)) * scale
         p_cmp, _ = masked_softmax(scores, ends[None, :] <= t[:, None])
         p_slc = p_cmp @ weights  # [B, H, Tq, Ns]
@@ -105,11 +110,11 @@ def selection_scores(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig, sc
     return torch.cat(out, dim=1)
 
 
-def selection_keys(scores: torch.Tensor, config: NSAConfig) -> torch.Tensor:
+def selection_keys(scores: torch.Tensor, config: NSAConfig, query_offset: int = 0) -> torch.Tensor:
     """Ranking keys: ``+inf`` for the forced initial and two local blocks, ``-inf`` for blocks
     starting after the query, the score otherwise."""
     ls = config.select_block_size
-    t = torch.arange(scores.shape[1], device=scores.device)[:, None, None]
+    t = query_offset + torch.arange(scores.shape[1], device=scores.device)[:, None, None]
     j = torch.arange(scores.shape[3], device=scores.device)
     own_block = t // ls
     forced = (j == 0) | (j == own_block) | (j == own_block - 1)
@@ -117,13 +122,13 @@ def selection_keys(scores: torch.Tensor, config: NSAConfig) -> torch.Tensor:
     return torch.where(j * ls <= t, key, float("-inf"))
 
 
-def top_blocks(scores: torch.Tensor, config: NSAConfig) -> torch.Tensor:
+def top_blocks(scores: torch.Tensor, config: NSAConfig, query_offset: int = 0) -> torch.Tensor:
     """The ``n`` chosen blocks per row of ``scores [B, T, G, Ns]``: int32, ascending, ``-1`` padded.
 
     Forced blocks always win, ineligible ones never; equal scores prefer the lower block id.
     """
     n, num_blocks = config.num_selected_blocks, scores.shape[3]
-    key = selection_keys(scores, config)
+    key = selection_keys(scores, config, query_offset)
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :n]
     taken = torch.gather(key, -1, order) > float("-inf")
     chosen = torch.where(taken, order, num_blocks)  # padding sorts last
@@ -134,9 +139,12 @@ def top_blocks(scores: torch.Tensor, config: NSAConfig) -> torch.Tensor:
     return chosen.to(torch.int32).contiguous()
 
 
-def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig, scale: float) -> torch.Tensor:
+def select_blocks(
+    q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig, scale: float, query_offset: int = 0
+) -> torch.Tensor:
     """Top-n selection block ids per query and KV group: ``[B, T, G, n]`` int32, ascending, ``-1`` padded."""
-    return top_blocks(selection_scores(q, k_cmp, config, scale), config)
+    scores = selection_scores(q, k_cmp, config, scale, query_offset)
+    return top_blocks(scores, config, query_offset)
 
 
 def selection_attention(
@@ -146,8 +154,10 @@ def selection_attention(
     block_indices: torch.Tensor,
     config: NSAConfig,
     scale: float,
+    query_offset: int = 0,
 ) -> torch.Tensor:
-    """Query ``t`` attends to keys ``s <= t`` whose block ``s // l'`` its group selected."""
+    """Query ``t`` (at position ``query_offset + t``) attends to keys ``s <= query_offset + t``
+    whose block ``s // l'`` its group selected; keys sit at positions ``0 .. S-1``."""
     num_heads, seq_len = q.shape[2], k.shape[1]
     num_blocks = config.num_select_blocks(seq_len)
     key_block = torch.arange(seq_len, device=q.device) // config.select_block_size
@@ -158,7 +168,7 @@ def selection_attention(
         picked = torch.zeros(*idx.shape[:-1], num_blocks + 1, dtype=torch.bool, device=q.device)
         picked.scatter_(-1, torch.where(idx < 0, num_blocks, idx), True)
         in_selected = picked[..., key_block]  # [B, Tq, G, S]
-        causal = key_pos[None, :] <= _positions(t0, t1, q.device)[:, None]  # [Tq, S]
+        causal = key_pos[None, :] <= _positions(query_offset + t0, query_offset + t1, q.device)[:, None]
         visible = expand_kv_heads(in_selected, num_heads).permute(0, 2, 1, 3) & causal
         out.append(masked_attention(q[:, t0:t1], k, v, visible, scale))
     return torch.cat(out, dim=1)
@@ -166,15 +176,19 @@ def selection_attention(
 
 # --- 1.3 sliding-window branch ----------------------------------------------
 
-def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int, scale: float) -> torch.Tensor:
-    """Query ``t`` attends to keys ``max(0, t-w+1) .. t``."""
+def window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int, scale: float, query_offset: int = 0
+) -> torch.Tensor:
+    """Query ``t`` (at position ``p = query_offset + t``) attends to keys ``max(0, p-w+1) .. p``;
+    keys sit at positions ``0 .. S-1``."""
     out = []
     for t0, t1 in _query_chunks(q.shape[1]):
-        s0 = max(0, t0 - window_size + 1)
-        t = _positions(t0, t1, q.device)[:, None]
-        s = _positions(s0, t1, q.device)[None, :]
+        p0, p1 = query_offset + t0, query_offset + t1
+        s0 = max(0, p0 - window_size + 1)
+        t = _positions(p0, p1, q.device)[:, None]
+        s = _positions(s0, p1, q.device)[None, :]
         visible = (s <= t) & (s > t - window_size)
-        out.append(masked_attention(q[:, t0:t1], k[:, s0:t1], v[:, s0:t1], visible, scale))
+        out.append(masked_attention(q[:, t0:t1], k[:, s0:p1], v[:, s0:p1], visible, scale))
     return torch.cat(out, dim=1)
 
 
