@@ -9,9 +9,10 @@ from torch import nn
 from . import ops
 from .compression import BlockCompressor
 from .config import NSAConfig
+from .context_parallel import LAYOUTS as CP_LAYOUTS
+from .context_parallel import CommStats, ShardLayout, context_parallel_nsa_branches
 from .rotary import apply_rotary, rotary_angles
 
-CP_LAYOUTS = ("contiguous", "zigzag")
 BRANCHES = ("cmp", "slc", "win")
 
 
@@ -56,7 +57,8 @@ class NativeSparseAttention(nn.Module):
     Rotary embeddings rotate queries and keys by global token position; a
     compressed token is rotated by the position of its block's last token, the
     first query that may see it. Gates are ``sigmoid(Linear(x))``, one per head
-    and branch.
+    and branch. Under context parallelism ``comm_stats`` accumulates the bytes
+    this rank exchanged (reset it per step).
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class NativeSparseAttention(nn.Module):
         self.compress_v = BlockCompressor(num_kv_heads, self.v_head_dim, config, compress_hidden_size, **factory)
         self.gate_proj = nn.Linear(hidden_size, num_heads * len(BRANCHES), bias=True, **factory)
         self.o_proj = nn.Linear(num_heads * self.v_head_dim, hidden_size, bias=bias, **factory)
+        self.comm_stats = CommStats()
 
     def _branch_kv(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Keys and values per branch, each ``[B, T, G, dim]``."""
@@ -117,17 +120,32 @@ class NativeSparseAttention(nn.Module):
         cp_group: "torch.distributed.ProcessGroup | None" = None,
         cp_layout: str = "contiguous",
     ) -> torch.Tensor:
-        """``x [B, T, hidden] -> [B, T, hidden]``."""
+        """``x [B, T, hidden] -> [B, T, hidden]``.
+
+        With ``cp_group``, ``x`` is this rank's shard ``[B, T/P, hidden]`` of a
+        sequence laid out by ``cp_layout`` (``"contiguous"`` or Megatron's
+        ``"zigzag"``); every rank of the group must call forward together.
+        """
         if cp_layout not in CP_LAYOUTS:
             raise ValueError(f"cp_layout ({cp_layout!r}) must be one of {CP_LAYOUTS}")
-        if cp_group is not None:
-            raise NotImplementedError("context parallelism (cp_group) is not implemented yet")
         if x.dim() != 3:
             raise ValueError(f"x must be [batch, seq, hidden], got shape {tuple(x.shape)}")
         batch, seq = x.shape[:2]
-        cos, sin = rotary_angles(torch.arange(seq, device=x.device), self.head_dim, self.rotary_base)
+        if cp_group is None:
+            positions = torch.arange(seq, device=x.device)
+        else:
+            world = torch.distributed.get_world_size(cp_group)
+            layout = ShardLayout(cp_layout, world, seq * world)
+            layout.check_divisible(self.config.select_block_size)
+            positions = layout.local_positions(torch.distributed.get_rank(cp_group), x.device)
+        cos, sin = rotary_angles(positions, self.head_dim, self.rotary_base)
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
         gate_logits = self.gate_proj(x).view(batch, seq, self.num_heads, len(BRANCHES))
-        out = nsa_branches(q, self._branch_kv(x), gate_logits, self.compress_k, self.compress_v,
-                           cos, sin, self.config, self.backend)
+        if cp_group is None:
+            out = nsa_branches(q, self._branch_kv(x), gate_logits, self.compress_k, self.compress_v,
+                               cos, sin, self.config, self.backend)
+        else:
+            out = context_parallel_nsa_branches(
+                q, self._branch_kv(x), gate_logits, self.compress_k, self.compress_v, cos, sin, self.config,
+                cp_group, cp_layout, self.backend, self.comm_stats)
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.v_head_dim))

@@ -243,6 +243,21 @@ def nsa_attention(
     block_indices = select_blocks(q.detach(), k_cmp.detach(), config, scale, "triton", lse=lse)
     o_slc = selection_attention(q, k_slc, v_slc, block_indices, config, scale, "triton")
     o_win = window_attention(q, k_win, v_win, config.window_size, scale, "triton")
+    return combine_branches(o_cmp, o_slc, o_win, gates, "triton")
+
+
+def combine_branches(
+    o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor, gates: torch.Tensor, backend: Backend = "auto"
+) -> torch.Tensor:
+    """``g_cmp*o_cmp + g_slc*o_slc + g_win*o_win`` with ``gates [B, T, H, 3]`` after the sigmoid."""
+    for name, o in (("o_slc", o_slc), ("o_win", o_win)):
+        if o.shape != o_cmp.shape:
+            raise ValueError(f"{name} shape {tuple(o.shape)} must equal o_cmp shape {tuple(o_cmp.shape)}")
+    if tuple(gates.shape) != (*o_cmp.shape[:3], 3):
+        raise ValueError(f"gates must be [B, T, H, 3] = {(*o_cmp.shape[:3], 3)}, got {tuple(gates.shape)}")
+    if resolve_backend(backend, o_cmp) == "reference":
+        g = gates.unsqueeze(-1)
+        return g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
     from nsa_kernels.gated_combine import gated_combine
 
     return gated_combine(o_cmp, o_slc, o_win, gates)
