@@ -17,6 +17,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from .. import ops
 from ..compression import BlockCompressor
 from ..config import NSAConfig
+from ..context_parallel import CommStats, ShardLayout, context_parallel_nsa_branches
 from ..layer import BRANCHES, nsa_branches
 from ..rotary import rotary_angles
 
@@ -59,8 +60,12 @@ class NSASelfAttention(MegatronModule):
     values use ``kv_channels`` for both head dims. Rotary: Megatron's
     ``rotary_pos_emb`` when the model passes one (``position_embedding_type
     ="rope"``), otherwise NSA's own with base ``rotary_base``; attention is
-    always causal.
+    always causal. With ``context_parallel_size > 1`` the module runs NSA's own
+    context parallelism over Megatron's CP group on Megatron's zigzag layout
+    (``cp_comm_type`` is ignored); ``comm_stats`` accumulates the bytes exchanged.
     """
+
+    CP_LAYOUT = "zigzag"  # how Megatron's batch slicing and rotary embeddings split a sequence
 
     def __init__(
         self,
@@ -73,6 +78,8 @@ class NSASelfAttention(MegatronModule):
         rotary_base: float = 10000.0,
         cp_comm_type: str | None = None,
         pg_collection: Any = None,
+        pp_layer_offset: int | None = None,  # passed by TransformerLayer in megatron-core >= 0.19; unused
+        name: str | None = None,  # passed by TransformerLayer in megatron-core >= 0.19; unused
     ):
         super().__init__(config=config)
         nsa_config = NSAConfig() if nsa_config is None else nsa_config
@@ -86,8 +93,10 @@ class NSASelfAttention(MegatronModule):
         tp_size = torch.distributed.get_world_size(self.tp_group)
         tp_rank = torch.distributed.get_rank(self.tp_group)
         check_nsa_parallel_sizes(config, tp_size)
+        self.cp_group = None
         if config.context_parallel_size > 1:
-            raise NotImplementedError("NSASelfAttention does not support context_parallel_size > 1 yet")
+            self.cp_group = getattr(pg_collection, "cp", None) or parallel_state.get_context_parallel_group()
+        self.comm_stats = CommStats()
 
         self.layer_number, self.nsa_config, self.backend = layer_number, nsa_config, backend
         self.rotary_base = rotary_base
@@ -129,23 +138,39 @@ class NSASelfAttention(MegatronModule):
         for p in (*self.compress_k.parameters(), *self.compress_v.parameters()):
             set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
 
+    def _positions(self, seq: int, device: torch.device) -> torch.Tensor:
+        """Global positions of the local tokens (this CP rank's zigzag chunks under CP)."""
+        if self.cp_group is None:
+            return torch.arange(seq, device=device)
+        world = torch.distributed.get_world_size(self.cp_group)
+        layout = ShardLayout(self.CP_LAYOUT, world, seq * world)
+        layout.check_divisible(self.nsa_config.select_block_size)
+        return layout.local_positions(torch.distributed.get_rank(self.cp_group), device)
+
     def _rotary_tables(self, seq: int, rotary_pos_emb: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if rotary_pos_emb is None:
-            return rotary_angles(torch.arange(seq, device=device), self.head_dim, self.rotary_base)
+            return rotary_angles(self._positions(seq, device), self.head_dim, self.rotary_base)
         if isinstance(rotary_pos_emb, tuple):
             raise NotImplementedError("NSASelfAttention takes one rotary_pos_emb tensor, not a (q, k) pair")
         if self.config.rotary_interleaved:
             raise NotImplementedError("NSASelfAttention does not support rotary_interleaved")
-        freqs = rotary_pos_emb.reshape(rotary_pos_emb.shape[0], -1)  # [s, 1, 1, dim] -> [s, dim]
+        # [s, 1, 1, dim] -> [s, dim]; under CP Megatron already sliced it to this rank's positions
+        freqs = rotary_pos_emb.reshape(rotary_pos_emb.shape[0], -1)
         if freqs.shape[-1] != self.head_dim or freqs.shape[0] < seq:
             raise NotImplementedError(
                 f"rotary_pos_emb of shape {tuple(rotary_pos_emb.shape)} must cover all {seq} positions and all "
                 f"{self.head_dim} channels of a head (rotary_percent < 1 is not supported)")
         return freqs.cos(), freqs.sin()
 
-    @staticmethod
-    def _check_mask(attention_mask: torch.Tensor | None, seq: int) -> None:
+    def _check_mask(self, attention_mask: torch.Tensor | None, seq: int) -> None:
         if attention_mask is None:
+            return
+        if self.cp_group is not None:
+            # Megatron slices the causal mask's query dim per CP rank; NSA applies causality itself.
+            full = seq * torch.distributed.get_world_size(self.cp_group)
+            if attention_mask.shape[-2:] != (seq, full):
+                raise ValueError(f"attention_mask under context parallelism must be [..., {seq}, {full}], "
+                                 f"got shape {tuple(attention_mask.shape)}")
             return
         # Megatron's convention: True = masked out. A full O(s^2) comparison would cost
         # as much as attention at long context, so check what tells causal from padding.
@@ -197,8 +222,13 @@ class NSASelfAttention(MegatronModule):
         branch_kv = [(kv[:, :, :, i, :dk], kv[:, :, :, i, dk:]) for i in range(nb)]
         gate_logits = gate_logits.view(seq, batch, self.heads_local, nb).transpose(0, 1)
         cos, sin = self._rotary_tables(seq, rotary_pos_emb, q.device)
-        out = nsa_branches(q, branch_kv, gate_logits, self.compress_k, self.compress_v, cos, sin,
-                           self.nsa_config, self.backend)
+        if self.cp_group is None:
+            out = nsa_branches(q, branch_kv, gate_logits, self.compress_k, self.compress_v, cos, sin,
+                               self.nsa_config, self.backend)
+        else:
+            out = context_parallel_nsa_branches(
+                q, branch_kv, gate_logits, self.compress_k, self.compress_v, cos, sin, self.nsa_config,
+                self.cp_group, self.CP_LAYOUT, self.backend, self.comm_stats)
         out = out.transpose(0, 1).reshape(seq, batch, self.heads_local * dk)
         return self.linear_proj(out)  # row-parallel: reduce(-scatter under SP), bias returned apart
 
