@@ -60,7 +60,8 @@ def _check_query_offset(query_offset: int) -> None:
 def _check_full_length(q: torch.Tensor, k: torch.Tensor, name: str = "k", query_offset: int = 0) -> None:
     _check_query_offset(query_offset)
     if k.shape[1] != query_offset + q.shape[1]:
-        rule = "q length" if query_offset == 0 else f"query_offset + q length ({query_offset} + {q.shape[1]})"
+        rule = f"q length ({q.shape[1]})" if query_offset == 0 else \
+            f"query_offset + q length ({query_offset} + {q.shape[1]})"
         raise ValueError(f"{name} length ({k.shape[1]}) must equal {rule}")
 
 

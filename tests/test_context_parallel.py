@@ -195,3 +195,34 @@ def _run_bad_input(rank: int, world: int, init_file: str) -> None:
 
 def test_bad_input_raises_on_every_rank():
     _spawn(_run_bad_input, 2)
+
+
+# --- the Triton kernels inside the context-parallel path (interpreter, float32) ----
+
+def _run_triton(rank: int, world: int, init_file: str, case: Case, ref: dict) -> None:
+    from conftest import assert_close
+    _init(rank, world, init_file)
+    try:
+        torch.manual_seed(0)
+        model = NativeSparseAttention(HIDDEN, case.heads, case.groups, case.dk, case.dv, case.config,
+                                      backend="triton", dtype=torch.float64).float()
+        positions = ShardLayout(case.layout, world, case.seq).local_positions(rank)
+        x = ref["x"][:, positions].float().requires_grad_()
+        out = model(x, cp_group=dist.group.WORLD, cp_layout=case.layout)
+        out.backward(ref["grad_out"][:, positions].float())
+        assert_close(out, ref["out"][:, positions], torch.float32, f"rank {rank} output")
+        assert_close(x.grad, ref["grad_x"][:, positions], torch.float32, f"rank {rank} input grad")
+        for name, p in model.named_parameters():
+            grad = p.grad.clone()
+            dist.all_reduce(grad)
+            assert_close(grad, ref["grads"][name], torch.float32, f"rank {rank} grad {name}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="CPU/interpreter variant; on GPUs benchmarks/bench_context_parallel.py --check "
+                           "compares CP with one GPU over NCCL")
+def test_triton_kernels_under_context_parallelism():
+    case = Case("p2-zigzag-triton", 2, "zigzag", 128, SMALL, batch=1)
+    _spawn(_run_triton, 2, case, _reference(case))

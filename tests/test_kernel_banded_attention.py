@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import DEVICE, KERNEL_DTYPES, assert_close
+from conftest import DEVICE, KERNEL_DTYPES, assert_close, check_forward_backward
 
 from nsa_kernels.banded_attention import banded_attention
-from nsa_parallel import reference
+from nsa_parallel import ops, reference
 from nsa_parallel.config import NSAConfig
 
 # The module itself (the package may re-export the function under the same name).
@@ -190,3 +190,129 @@ def test_rejects_bad_arguments() -> None:
     k = torch.zeros(1, 8, 2, 64, device=DEVICE)
     with pytest.raises(ValueError, match="window"):
         banded_attention(q, k, k, key_stride=1, key_offset=0, window=0, scale=1.0)
+
+
+# --- queries as a shard of a longer sequence (context parallelism) --------------------------
+
+# Compressed branch and window of the ops' query_offset cases (l = 32, d = 16 as above, l' = 16).
+OFFSET_CONFIG = NSAConfig(compress_block_size=L, compress_stride=D, select_block_size=16, num_selected_blocks=4,
+                          window_size=24)
+
+# name: (query_offset, T, H, G, dk, dv)
+OFFSET_CASES = {
+    "offset0-group2": (0, 50, 4, 2, 64, 64),
+    "offset-multiple-of-ls-group4": (32, 40, 4, 1, 64, 64),
+    "offset37-dk64-dv128": (37, 30, 2, 1, 64, 128),
+    "offset37-T-shorter-than-block-group4": (37, 5, 4, 1, 64, 64),
+    "offset300-S-much-larger-than-T": (300, 20, 2, 1, 64, 64),
+    "offset37-dk192-dv128": (37, 20, 2, 1, 192, 128),
+}
+
+
+def _offset_inputs(name: str, branch: str):
+    qo, t, h, g, dk, dv = OFFSET_CASES[name]
+    gen = torch.Generator().manual_seed(qo + t)
+    s = OFFSET_CONFIG.num_compressed(qo + t) if branch == "compressed" else qo + t
+    q = torch.randn(1, t, h, dk, generator=gen)
+    return qo, q, torch.randn(1, s, g, dk, generator=gen), torch.randn(1, s, g, dv, generator=gen)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(OFFSET_CASES))
+def test_compressed_query_offset(name: str, dtype: torch.dtype) -> None:
+    """ops.compressed_attention(query_offset=...): banded with key_offset = l - 1 - query_offset
+    (negative past the first block), against the float64 reference, forward, lse and dQ/dK/dV."""
+    qo, q, k, v = _offset_inputs(name, "compressed")
+    check_forward_backward(
+        lambda q, k, v: ops.compressed_attention(q, k, v, OFFSET_CONFIG, backend="triton", query_offset=qo),
+        lambda q, k, v: ops.compressed_attention(q, k, v, OFFSET_CONFIG, backend="reference", query_offset=qo),
+        [q, k, v], dtype, name)
+    if dtype != torch.float32:
+        return
+    _, lse = ops.compressed_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), OFFSET_CONFIG, backend="triton",
+                                      query_offset=qo, return_lse=True)
+    ends = reference.compressed_key_ends(k.shape[1], OFFSET_CONFIG, "cpu")
+    scores = torch.einsum("bthd,bshd->bhts", q.double(), reference.expand_kv_heads(k.double(), q.shape[2]))
+    visible = ends[None, :] <= qo + torch.arange(q.shape[1])[:, None]
+    ref_lse = reference.masked_softmax(scores * q.shape[-1] ** -0.5, visible)[1]
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse.cpu()), empty)
+    assert_close(lse.cpu()[~empty], ref_lse[~empty], dtype, "lse")
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(OFFSET_CASES))
+def test_window_query_offset(name: str, dtype: torch.dtype) -> None:
+    """ops.window_attention(query_offset=...): banded with key_offset = -query_offset over the
+    halo and the shard's own keys, against the float64 reference, forward and dQ/dK/dV."""
+    qo, q, k, v = _offset_inputs(name, "window")
+    w = OFFSET_CONFIG.window_size
+    check_forward_backward(
+        lambda q, k, v: ops.window_attention(q, k, v, w, backend="triton", query_offset=qo),
+        lambda q, k, v: ops.window_attention(q, k, v, w, backend="reference", query_offset=qo),
+        [q, k, v], dtype, name)
+
+
+@pytest.mark.parametrize("window", [None, 20, 75])
+def test_query_offset_window_reaching_past_the_halo(window: int | None) -> None:
+    """Window branch with w > T (and no window): every halo key within w is visible."""
+    qo, t = 45, 30
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, t, 4, 64, generator=gen), torch.randn(1, qo + t, 2, 64, generator=gen),
+               torch.randn(1, qo + t, 2, 64, generator=gen))
+    w = qo + t if window is None else window
+    check_forward_backward(
+        lambda q, k, v: banded_attention(q, k, v, key_stride=1, key_offset=-qo, window=window, scale=0.125)[0],
+        lambda q, k, v: reference.window_attention(q, k, v, w, 0.125, qo),
+        [q, k, v], torch.float32, f"window {window}")
+
+
+@pytest.mark.parametrize(
+    "seq_len,key_stride,key_offset,window,extra_keys",
+    [(40, 1, -100, 30, 0), (40, 1, -37, 31, 5), (70, 3, -50, None, 3), (40, 16, -100, 48, 2),
+     (33, 16, -65, None, 4), (20, 1, -80, 16, 20)],
+)
+def test_negative_key_offset_and_unseen_keys(seq_len, key_stride, key_offset, window, extra_keys) -> None:
+    """Keys at negative positions (and keys past the last query: ``extra_keys``); keys no query sees
+    (below every window or after the last query) get exactly zero dK/dV."""
+    case = Case("generic", 1, seq_len, 4, 2, 64, 64, key_stride, key_offset, window)
+    num_keys = case.num_keys + extra_keys
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(1, seq_len, 4, 64, generator=gen, device="cpu").to(DEVICE).requires_grad_()
+    k = torch.randn(1, num_keys, 2, 64, generator=gen).to(DEVICE).requires_grad_()
+    v = torch.randn(1, num_keys, 2, 64, generator=gen).to(DEVICE).requires_grad_()
+    o, _ = banded_attention(q, k, v, key_stride=key_stride, key_offset=key_offset, window=window, scale=0.125)
+    do = torch.randn(o.shape, generator=gen).to(DEVICE)
+    o.backward(do)
+
+    t = torch.arange(seq_len)[:, None]
+    pos = (torch.arange(num_keys) * key_stride + key_offset)[None, :]
+    visible = (pos <= t) & ((pos > t - window) if window is not None else True)
+    high = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
+    ref_o = reference.masked_attention(*high, visible, 0.125)
+    ref_o.backward(do.cpu().double())
+    assert_close(o, ref_o, torch.float32, "o")
+    for name, a, b in zip("qkv", (q, k, v), high):
+        assert_close(a.grad, b.grad, torch.float32, f"d{name}")
+    unseen = ~visible.any(0)
+    assert unseen.any()
+    assert (k.grad.cpu()[:, unseen] == 0).all() and (v.grad.cpu()[:, unseen] == 0).all()
+
+
+@pytest.mark.parametrize("splits", [2, 8])
+def test_query_offset_dkdv_splits_do_not_change_results(splits: int, monkeypatch) -> None:
+    """Split dK/dV key tiles with keys at negative positions (compressed and window branch)."""
+    monkeypatch.setattr(banded_module, "_dkdv_splits", lambda *args: splits)
+    test_compressed_query_offset("offset300-S-much-larger-than-T", torch.float32)
+    test_window_query_offset("offset37-dk64-dv128", torch.float32)
+
+
+def test_dkdv_splits_with_query_offset() -> None:
+    """H100 shape, a shard of T=16k queries at 48k..64k: the window's unseen halo tiles do no
+    work (no split). In the compressed branch every query sees all the key tiles of the halo
+    (positions < 0), so the work is nearly uniform and needs at most 2 slices; counting the
+    negative positions as queries (an unclamped range start) would ask for 4."""
+    t, qo = 16384, 49152
+    shape = dict(group=16, units=4, block_m=64, block_n=64, num_sms=132)
+    assert banded_module._dkdv_splits(t, qo + t, 1, -qo, 512, **shape) == 1
+    assert banded_module._dkdv_splits(t, (qo + t - L) // D + 1, D, L - 1 - qo, t + qo - L + 1, **shape) <= 2

@@ -3,19 +3,20 @@ import pytest
 import torch
 
 import nsa_kernels.selection_attention as sa
-from nsa_parallel import NSAConfig, reference
+from nsa_parallel import NSAConfig, ops, reference
 
 from conftest import DEVICE, KERNEL_DTYPES, check_forward_backward
 
 
 def random_selection(batch: int, seq_len: int, groups: int, n: int, block_size: int, seed: int,
-                     force_first: bool = False) -> torch.Tensor:
-    """Valid random ``[B, T, G, n]`` selections: distinct ids <= t // l', the own block always in,
-    1..n entries per row (so some rows hold only their own block), -1 padding; half the rows are
-    shuffled (ids and -1 in any order), the rest keep a random (not ascending) order."""
+                     force_first: bool = False, query_offset: int = 0) -> torch.Tensor:
+    """Valid random ``[B, T, G, n]`` selections: distinct ids <= p // l' (query t at position
+    p = query_offset + t), the own block always in, 1..n entries per row (so some rows hold only
+    their own block), -1 padding; half the rows are shuffled (ids and -1 in any order), the rest
+    keep a random (not ascending) order."""
     gen = torch.Generator().manual_seed(seed)
-    num_blocks = -(-seq_len // block_size)
-    own = (torch.arange(seq_len) // block_size).view(1, seq_len, 1, 1)
+    num_blocks = -(-(query_offset + seq_len) // block_size)
+    own = ((query_offset + torch.arange(seq_len)) // block_size).view(1, seq_len, 1, 1)
     j = torch.arange(num_blocks)
     score = torch.rand(batch, seq_len, groups, num_blocks, generator=gen)
     if force_first:
@@ -119,6 +120,104 @@ def test_reverse_index_covers_every_pair():
         ts = queries[start:end].tolist()
         assert ts == sorted(ts)
         seen += [(b, t, g, j) for t in ts]
+    expected = [(b, t, g, j) for b in range(batch) for t in range(seq_len) for g in range(groups)
+                for j in idx[b, t, g].tolist() if j >= 0]
+    assert sorted(seen) == sorted(expected)
+
+
+# --- queries as a shard of a longer sequence (context parallelism) --------------------------
+
+def run_offset_case(batch, seq_len, heads, groups, dk, dv, block_size, n, query_offset, dtype, idx=None, seed=0):
+    """ops.selection_attention(backend="triton", query_offset=...) against backend="reference" in
+    float64: k, v hold S = query_offset + T keys, query t sits at query_offset + t."""
+    gen = torch.Generator().manual_seed(seed)
+    num_keys = query_offset + seq_len
+    q = torch.randn(batch, seq_len, heads, dk, generator=gen)
+    k = torch.randn(batch, num_keys, groups, dk, generator=gen)
+    v = torch.randn(batch, num_keys, groups, dv, generator=gen)
+    if idx is None:
+        idx = random_selection(batch, seq_len, groups, n, block_size, seed, query_offset=query_offset)
+    cfg = NSAConfig(compress_block_size=16, compress_stride=16, select_block_size=block_size)
+    check_forward_backward(
+        lambda q, k, v, i: ops.selection_attention(q, k, v, i, cfg, backend="triton", query_offset=query_offset),
+        lambda q, k, v, i: ops.selection_attention(q, k, v, i, cfg, backend="reference", query_offset=query_offset),
+        [q, k, v, idx], dtype,
+        f"selection_attention offset {query_offset} {batch}x{seq_len}x{heads}/{groups} dk={dk} dv={dv}",
+    )
+
+
+OFFSET_CASES = {
+    # name: (B, T, H, G, dk, dv, l', n, query_offset)
+    "offset0": (1, 40, 4, 2, 64, 64, 16, 3, 0),
+    "offset_multiple_of_block_group4": (1, 40, 4, 1, 64, 64, 16, 3, 32),
+    "offset37_dk64_dv128": (1, 30, 2, 1, 64, 128, 16, 3, 37),
+    "offset37_shorter_than_block_group4": (1, 5, 4, 1, 64, 64, 16, 3, 37),
+    "offset300_S_much_larger_than_T": (1, 20, 2, 1, 64, 64, 16, 4, 300),
+    "offset37_dk192_dv128": (1, 20, 2, 1, 192, 128, 16, 3, 37),
+    "offset37_block64_dk192_dv192": (1, 20, 2, 2, 192, 192, 64, 2, 37),
+    "offset37_batch2_group1": (2, 20, 2, 2, 64, 64, 16, 3, 37),
+}
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(OFFSET_CASES))
+def test_query_offset(case, dtype):
+    run_offset_case(*OFFSET_CASES[case], dtype)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_query_offset_long_reverse_lists(monkeypatch, dtype):
+    """Block 0, far before the shard, is selected by every query: many chunks add up."""
+    batch, seq_len, heads, groups, n, block_size, qo = 1, 80, 2, 1, 3, 16, 53
+    monkeypatch.setattr(sa, "BACKWARD_CHUNK_ROWS", 32)
+    idx = random_selection(batch, seq_len, groups, n, block_size, seed=2, force_first=True, query_offset=qo)
+    assert (idx == 0).any(-1).all()
+    run_offset_case(batch, seq_len, heads, groups, 64, 64, block_size, n, qo, dtype, idx=idx, seed=2)
+
+
+def test_query_offset_reference_selector():
+    """Indices from the reference selector with the same offset (forced 0, p // l', p // l' - 1)."""
+    batch, seq_len, heads, groups, dk, qo = 1, 40, 4, 2, 64, 70
+    cfg = NSAConfig(compress_block_size=32, compress_stride=16, select_block_size=32, num_selected_blocks=3)
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(batch, seq_len, heads, dk, generator=gen, dtype=torch.float64)
+    k_cmp = torch.randn(batch, cfg.num_compressed(qo + seq_len), groups, dk, generator=gen, dtype=torch.float64)
+    idx = reference.select_blocks(q, k_cmp, cfg, dk ** -0.5, qo)
+    run_offset_case(batch, seq_len, heads, groups, dk, dk, 32, 3, qo, torch.float32, idx=idx, seed=3)
+
+
+def test_query_offset_unselected_blocks_get_zero_grads():
+    """Keys of blocks no query selected (most of a long prefix) get exactly zero dK/dV."""
+    batch, seq_len, heads, groups, n, block_size, qo = 1, 20, 4, 2, 3, 16, 200
+    idx = random_selection(batch, seq_len, groups, n, block_size, seed=5, query_offset=qo)
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(batch, seq_len, heads, 64, generator=gen).to(DEVICE).requires_grad_()
+    k = torch.randn(batch, qo + seq_len, groups, 64, generator=gen).to(DEVICE).requires_grad_()
+    v = torch.randn(batch, qo + seq_len, groups, 64, generator=gen).to(DEVICE).requires_grad_()
+    o = sa.selection_attention(q, k, v, idx.to(DEVICE), select_block_size=block_size, scale=0.125, query_offset=qo)
+    o.backward(torch.randn(o.shape, generator=gen).to(DEVICE))
+    num_blocks = -(-(qo + seq_len) // block_size)
+    picked = torch.zeros(batch, groups, num_blocks, dtype=torch.bool)
+    for b, t, g, j in (idx >= 0).nonzero().tolist():
+        picked[b, g, idx[b, t, g, j]] = True
+    unpicked = ~picked.repeat_interleave(block_size, -1)[..., : qo + seq_len].permute(0, 2, 1)  # [B, S, G]
+    assert unpicked.any() and not unpicked.all()
+    assert (k.grad.cpu()[unpicked] == 0).all() and (v.grad.cpu()[unpicked] == 0).all()
+    assert (k.grad.cpu()[~unpicked] != 0).any()
+
+
+def test_query_offset_reverse_index():
+    """With an offset the lists hold positions query_offset + t over ceil((offset + T) / l') blocks."""
+    batch, seq_len, groups, n, block_size, chunk, qo = 2, 50, 2, 4, 16, 8, 37
+    idx = random_selection(batch, seq_len, groups, n, block_size, seed=4, force_first=True, query_offset=qo)
+    queries, table = sa._reverse_index(idx.to(DEVICE), block_size, chunk, qo)
+    queries, table = queries.cpu().long(), table.cpu().long()
+    num_blocks = -(-(qo + seq_len) // block_size)
+    seen = []
+    for segment, start, end in table.tolist():
+        assert 0 <= end - start <= chunk
+        b, g, j = segment // (groups * num_blocks), segment // num_blocks % groups, segment % num_blocks
+        seen += [(b, p - qo, g, j) for p in queries[start:end].tolist()]
     expected = [(b, t, g, j) for b in range(batch) for t in range(seq_len) for g in range(groups)
                 for j in idx[b, t, g].tolist() if j >= 0]
     assert sorted(seen) == sorted(expected)

@@ -3,7 +3,11 @@ where key ``i`` sits at position ``p_i = i*key_stride + key_offset``.
 
 One kernel family serves two NSA branches: compressed attention (key ``i`` is the
 compression block ending at ``i*d + l - 1``, no window) and sliding-window attention
-(stride 1, offset 0, window ``w``).
+(stride 1, offset 0, window ``w``). Under context parallelism the queries are a shard
+starting at global position ``query_offset``: positions are then relative to the first
+query, so ``key_offset`` is negative (``l - 1 - query_offset``, ``-query_offset``) and
+``S`` exceeds what ``T`` alone would need; ranges below are clamped to the queries
+``[0, T)`` and keys no query sees get zero dK/dV.
 
 Why the kernels are shaped as they are:
 
@@ -382,9 +386,11 @@ def _dkdv_kernel(
 
     # Queries that see some key of the tile: [first position, last position + window);
     # those in [last position, first position + window) see all of them.
+    # Queries sit at 0 .. T-1 while keys may sit at negative positions (a shard's halo), so
+    # both ends are clamped to [0, T]; a tile no query sees gets hi <= lo: no work, dK = dV = 0.
     pos_first = n0 * key_stride + key_offset
     pos_last = (tl.minimum(n0 + BLOCK_N, S) - 1) * key_stride + key_offset
-    lo = tl.minimum(pos_first, T)
+    lo = tl.minimum(tl.maximum(pos_first, 0), T)
     hi = tl.minimum(pos_last + window, T)
     mid_start, n_full, n_lo, n_edge = _tile_ranges(
         lo, tl.minimum(pos_last, hi), tl.minimum(pos_first + window, T), hi, BLOCK_M)
@@ -500,9 +506,10 @@ def _dkdv_splits(
     """
     first = torch.arange(0, num_keys, block_n, dtype=torch.int64)
     last = (first + block_n).clamp(max=num_keys) - 1
-    lo = (first * key_stride + key_offset).clamp(max=seq_len)
+    # Queries are 0 .. seq_len-1; keys may sit at negative positions (key_offset < 0).
+    lo = (first * key_stride + key_offset).clamp(min=0, max=seq_len)
     hi = (last * key_stride + key_offset + window).clamp(max=seq_len)
-    work = group * ((hi - lo + block_m - 1) // block_m)
+    work = group * (((hi - lo).clamp(min=0) + block_m - 1) // block_m)
     share = max(int(work.sum()) * units / (2 * num_sms), 1.0)
     longest = int(work.max())
     splits = 1
@@ -546,7 +553,7 @@ class _Launch:
         # Stacking heads narrows the band only where a window cuts it; the stacked heads
         # must share a group (a power of two dividing it).
         pack = 1
-        windowed = kernel != "dkdv" and self.window < self.seq_len
+        windowed = kernel != "dkdv" and self.window < self.seq_len - min(self.key_offset, 0)
         while windowed and pack < base.pack and self.group % (2 * pack) == 0:
             pack *= 2
         m = min(base.m, max(16, triton.next_power_of_2(self.seq_len * pack)))
@@ -655,7 +662,9 @@ def banded_attention(
     """Softmax attention of ``q [B, T, H, dk]`` over ``k [B, S, G, dk]``, ``v [B, S, G, dv]``.
 
     Key ``i`` sits at position ``i*key_stride + key_offset``; query ``t`` sees it iff that
-    position is ``<= t`` and (``window is None`` or ``> t - window``). Query head ``h``
+    position is ``<= t`` and (``window is None`` or ``> t - window``). ``key_offset`` may be
+    negative: queries that are a shard of a longer sequence (context parallelism) see keys
+    before their first position; any ``S`` (keys no query sees get zero dK/dV). Query head ``h``
     uses KV head ``h // (H // G)``. Returns ``o [B, T, H, dv]`` in ``q``'s dtype (0 on rows
     that see nothing) and ``lse [B, H, T]`` float32, natural log (``-inf`` on those rows).
     ``o`` is differentiable in ``q``, ``k``, ``v``; ``lse`` is not.
@@ -668,15 +677,16 @@ def banded_attention(
         raise ValueError(f"query heads ({num_heads}) must be a multiple of KV heads ({num_groups})")
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"dtypes differ: q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if key_stride < 1 or key_offset < 0 or (window is not None and window < 1):
-        raise ValueError(f"need key_stride >= 1, key_offset >= 0, window >= 1 or None; got "
-                         f"{key_stride}, {key_offset}, {window}")
+    if key_stride < 1 or (window is not None and window < 1):
+        raise ValueError(f"need key_stride >= 1, window >= 1 or None; got {key_stride}, {window}")
+    # Any window >= T - min(key_offset, 0) hides nothing (positions are >= min(key_offset, 0)
+    # > t - window for every t < T); capping keeps int32 sums small.
+    window_cap = seq_len - min(key_offset, 0)
     params = _Launch(
         batch=batch, seq_len=seq_len, num_keys=num_keys, num_heads=num_heads,
         group=num_heads // num_groups, head_dk=head_dk, head_dv=head_dv,
         key_stride=key_stride, key_offset=key_offset,
-        # Any window >= T hides nothing (positions are >= 0 > t - T); capping keeps int32 sums small.
-        window=seq_len if window is None else min(window, seq_len),
+        window=window_cap if window is None else min(window, window_cap),
         scale=float(scale),
     )
     return _BandedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), params)

@@ -52,7 +52,7 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def _score_tile(
-    q, lse, t_rows, k_base, stride_kt, s_rows, store_t, j0, num_cmp, num_blocks, qk_scale, carry, d_valid,
+    q, lse, p_rows, k_base, stride_kt, s_rows, store_t, j0, num_cmp, num_blocks, qk_scale, carry, d_valid,
     CMP_SIZE: tl.constexpr,
     CMP_STRIDE: tl.constexpr,
     SEL_SIZE: tl.constexpr,
@@ -67,7 +67,8 @@ def _score_tile(
     DOT_PRECISION: tl.constexpr,
 ):
     """Stores the scores of selection blocks ``j0 .. j0+BLOCK_J-1`` and returns the carry
-    into the next tile. ``CAUSAL=False`` only for tiles every row sees whole."""
+    into the next tile. ``p_rows`` are the rows' positions. ``CAUSAL=False`` only for tiles
+    every row sees whole."""
     # In units of d: a compressed block spans L segments, a selection block R.
     L: tl.constexpr = CMP_SIZE // CMP_STRIDE
     R: tl.constexpr = SEL_SIZE // CMP_STRIDE
@@ -83,7 +84,7 @@ def _score_tile(
     # Masking the exponent (not the result) keeps exp2 finite where lse is -inf, and
     # on padding columns where lse is very negative.
     if CAUSAL:
-        visible = i_valid[None, :] & (offs_i[None, :] * CMP_STRIDE + (CMP_SIZE - 1) <= t_rows[:, None])
+        visible = i_valid[None, :] & (offs_i[None, :] * CMP_STRIDE + (CMP_SIZE - 1) <= p_rows[:, None])
         logits = tl.where(visible, logits, float("-inf"))
     elif R_PAD != R:
         logits = tl.where(own[None, :], logits, float("-inf"))
@@ -117,7 +118,7 @@ def _score_tile(
 @triton.jit
 def _group_scores_kernel(
     q_ptr, k_ptr, lse_ptr, s_ptr,
-    t_begin, t_end, num_cmp, num_blocks,
+    t_begin, t_end, query_offset, num_cmp, num_blocks,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kg,
     stride_lb, stride_lh,
@@ -171,20 +172,24 @@ def _group_scores_kernel(
     store_t = offs_t < t_end
     s_rows = s_ptr + b * stride_sb + g * stride_sg + (offs_t - t_begin)[:, None].to(tl.int64) * stride_st
 
+    # Query t sits at position query_offset + t (a shard of a longer sequence); block
+    # ids and the causal rule are in positions.
+    p_rows = t_rows + query_offset
+    p0 = t0 + query_offset
     # Blocks up to the tile's last row are eligible for some row: all must be written.
-    num_tiles = (tl.minimum(t0 + BLOCK_T, t_end) - 1) // SEL_SIZE // BLOCK_J + 1
+    num_tiles = (tl.minimum(t0 + BLOCK_T, t_end) - 1 + query_offset) // SEL_SIZE // BLOCK_J + 1
     # Tile jt's last own compressed block ends at (jt+1) * BLOCK_J*l' - d + l - 1:
     # tiles ending by the first row are whole for every row and skip the causal mask.
-    num_whole = tl.maximum(t0 + 1 + CMP_STRIDE - CMP_SIZE, 0) // (BLOCK_J * SEL_SIZE)
+    num_whole = tl.maximum(p0 + 1 + CMP_STRIDE - CMP_SIZE, 0) // (BLOCK_J * SEL_SIZE)
     carry = tl.zeros([BLOCK_T, BLOCK_J], dtype=tl.float32)
     for jt in range(0, num_whole):
         carry = _score_tile(
-            q, lse, t_rows, k_base, stride_kt, s_rows, store_t, jt * BLOCK_J, num_cmp, num_blocks, qk_scale,
+            q, lse, p_rows, k_base, stride_kt, s_rows, store_t, jt * BLOCK_J, num_cmp, num_blocks, qk_scale,
             carry, d_valid, CMP_SIZE, CMP_STRIDE, SEL_SIZE, BLOCK_T, BLOCK_J, R_PAD,
             H0, H1, H2, T1, False, DOT_PRECISION)
     for jt in range(num_whole, num_tiles):
         carry = _score_tile(
-            q, lse, t_rows, k_base, stride_kt, s_rows, store_t, jt * BLOCK_J, num_cmp, num_blocks, qk_scale,
+            q, lse, p_rows, k_base, stride_kt, s_rows, store_t, jt * BLOCK_J, num_cmp, num_blocks, qk_scale,
             carry, d_valid, CMP_SIZE, CMP_STRIDE, SEL_SIZE, BLOCK_T, BLOCK_J, R_PAD,
             H0, H1, H2, T1, True, DOT_PRECISION)
 
@@ -192,7 +197,7 @@ def _group_scores_kernel(
 @triton.jit
 def _top_n_kernel(
     s_ptr, out_ptr,
-    t_begin, t_end, num_blocks,
+    t_begin, t_end, query_offset, num_blocks,
     stride_sb, stride_sg, stride_st,
     stride_ob, stride_ot, stride_og,
     SEL_SIZE: tl.constexpr,
@@ -206,8 +211,9 @@ def _top_n_kernel(
     offs_t = t_begin + tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     t_valid = offs_t < t_end
     offs_j = tl.arange(0, BLOCK_NS)
-    own_block = (offs_t // SEL_SIZE)[:, None]
-    # j*l' <= t, i.e. j <= t // l'; only these entries were written by the scoring kernel.
+    own_block = ((offs_t + query_offset) // SEL_SIZE)[:, None]
+    # j*l' <= p, i.e. j <= p // l' (p = query_offset + t, the row's position); only these
+    # entries were written by the scoring kernel.
     eligible = t_valid[:, None] & (offs_j[None, :] <= own_block) & (offs_j[None, :] < num_blocks)
     s_rows = s_ptr + b * stride_sb + g * stride_sg + (offs_t - t_begin)[:, None].to(tl.int64) * stride_st
     key = tl.load(s_rows + offs_j[None, :], mask=eligible, other=float("-inf"))
@@ -293,12 +299,18 @@ def select_blocks(
     select_block_size: int,
     num_selected: int,
     scale: float,
+    query_offset: int = 0,
 ) -> torch.Tensor:
     """Chosen selection blocks ``int32 [B, T, G, n]``, ascending and ``-1`` padded.
 
     ``q [B, T, H, dk]``, ``k_cmp [B, Tc, G, dk]`` (compressed block ``i`` covers
     tokens ``[i*d, i*d + l)``), ``lse [B, H, T]``: the compression branch's
-    log-sum-exp (``-inf`` where a row sees no compressed key).
+    log-sum-exp (``-inf`` where a row sees no compressed key). Query ``t`` sits at
+    position ``query_offset + t`` (a shard of a longer sequence): ``k_cmp`` holds
+    the compressed blocks of positions ``0 .. query_offset + T - 1``, ``lse`` is
+    the compression branch's at those positions, and block ids are global (block
+    ``j`` covers positions ``[j*l', (j+1)*l')``, ``ceil((query_offset + T) / l')``
+    blocks).
     """
     batch, seq_len, num_heads, head_dim = q.shape
     num_cmp, num_groups = k_cmp.shape[1], k_cmp.shape[2]
@@ -311,11 +323,13 @@ def select_blocks(
         raise ValueError(f"lse {tuple(lse.shape)} must be [B, H, T] = {(batch, num_heads, seq_len)}")
     if l % d or ls % d or n < 1:
         raise ValueError(f"need d | l, d | l' and n >= 1 (l={l}, d={d}, l'={ls}, n={n})")
+    if query_offset < 0:
+        raise ValueError(f"query_offset ({query_offset}) must be >= 0")
     if l - d > _BLOCK_J * ls:
         # A compressed block must not reach past the next tile (one carried tile).
         raise ValueError(f"compress_block_size {l} too large for select_block_size {ls}")
 
-    num_blocks = -(-seq_len // ls)
+    num_blocks = -(-(query_offset + seq_len) // ls)
     out = torch.empty(batch, seq_len, num_groups, n, dtype=torch.int32, device=q.device)
     if out.numel() == 0:
         return out
@@ -336,7 +350,7 @@ def select_blocks(
         if num_cmp:
             _group_scores_kernel[(triton.cdiv(t_end - t_begin, block_t), num_groups, batch)](
                 q, k_cmp, lse, scores,
-                t_begin, t_end, num_cmp, num_blocks,
+                t_begin, t_end, query_offset, num_cmp, num_blocks,
                 q.stride(0), q.stride(1), q.stride(2),
                 k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
                 lse.stride(0), lse.stride(1),
@@ -346,7 +360,7 @@ def select_blocks(
             )
         _top_n_kernel[(triton.cdiv(t_end - t_begin, block_r), num_groups, batch)](
             scores, out,
-            t_begin, t_end, num_blocks,
+            t_begin, t_end, query_offset, num_blocks,
             scores.stride(0), scores.stride(1), scores.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             SEL_SIZE=ls, NUM_SELECTED=n,

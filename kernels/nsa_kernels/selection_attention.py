@@ -64,7 +64,7 @@ DKDV_ROWS = 64  # gathered (query, head) rows per dK/dV step; halved for wide he
 @triton.jit
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, lse_ptr,
-    T, H, G, heads_per_group, head_chunks, num_selected, scale,
+    T, S, query_offset, H, G, heads_per_group, head_chunks, num_selected, scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, DK_P: tl.constexpr, DV_P: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -87,13 +87,14 @@ def _fwd_kernel(
     l = tl.full([BLOCK_H], 0.0, tl.float32)
     acc = tl.full([BLOCK_H, DV_P], 0.0, tl.float32)
     idx_row = idx_ptr + ((b * T + t) * G + g) * num_selected
+    pos = t + query_offset  # the query's position among the S keys
     for i in range(num_selected):
         j = tl.load(idx_row + i).to(tl.int64)
         # Unused (-1: negative positions) and future blocks become fully masked
-        # steps; kpos <= t is also the causal mask inside t's block, and t < T.
+        # steps; kpos <= pos is also the causal mask inside the own block, and pos < S.
         kpos = j * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        kv_ok = (kpos >= 0) & (kpos <= t)
-        kv_row = (b * T + kpos) * G + g
+        kv_ok = (kpos >= 0) & (kpos <= pos)
+        kv_row = (b * S + kpos) * G + g
         k = tl.load(k_ptr + kv_row[:, None] * DK + offs_dk[None, :],
                     mask=kv_ok[:, None] & (offs_dk < DK)[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -120,7 +121,7 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    T, H, G, heads_per_group, head_chunks, num_selected, scale,
+    T, S, query_offset, H, G, heads_per_group, head_chunks, num_selected, scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, DK_P: tl.constexpr, DV_P: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -147,11 +148,12 @@ def _bwd_dq_kernel(
     qk_scale = scale * LOG2E
     dq = tl.full([BLOCK_H, DK_P], 0.0, tl.float32)
     idx_row = idx_ptr + ((b * T + t) * G + g) * num_selected
+    pos = t + query_offset
     for i in range(num_selected):
         j = tl.load(idx_row + i).to(tl.int64)
         kpos = j * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        kv_ok = (kpos >= 0) & (kpos <= t)
-        kv_row = (b * T + kpos) * G + g
+        kv_ok = (kpos >= 0) & (kpos <= pos)
+        kv_row = (b * S + kpos) * G + g
         k = tl.load(k_ptr + kv_row[:, None] * DK + offs_dk[None, :],
                     mask=kv_ok[:, None] & (offs_dk < DK)[None, :], other=0.0)
         v = tl.load(v_ptr + kv_row[:, None] * DV + offs_dv[None, :],
@@ -170,7 +172,7 @@ def _bwd_dq_kernel(
 @triton.jit
 def _bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, query_ptr, chunk_ptr, dk_ptr, dv_ptr,
-    T, H, G, heads_per_group, num_blocks, scale,
+    T, S, query_offset, H, G, heads_per_group, num_blocks, scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HPG_P: tl.constexpr, ROWS: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, DK_P: tl.constexpr, DV_P: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -190,8 +192,8 @@ def _bwd_dkdv_kernel(
     offs_dv = tl.arange(0, DV_P)
     # Wide heads split the block's keys over grid axis 1 (BLOCK_N < BLOCK_SIZE) to fit registers.
     kpos = j * BLOCK_SIZE + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_ok = kpos < T  # the last block may be partial
-    kv_row = (b * T + kpos) * G + g
+    k_ok = kpos < S  # the last block may be partial
+    kv_row = (b * S + kpos) * G + g
     dk_mask = k_ok[:, None] & (offs_dk < DK)[None, :]
     dv_mask = k_ok[:, None] & (offs_dv < DV)[None, :]
     k = tl.load(k_ptr + kv_row[:, None] * DK + offs_dk[None, :], mask=dk_mask, other=0.0)
@@ -201,25 +203,30 @@ def _bwd_dkdv_kernel(
     dv = tl.full([BLOCK_N, DV_P], 0.0, tl.float32)
     qk_scale = scale * LOG2E
     offs_r = tl.arange(0, ROWS)
+    # The lists hold query positions pos = query_offset + t; the offset is folded into the
+    # row bases (scalars, outside the loop) so that t = pos - query_offset costs nothing per row.
+    b_t = b * T - query_offset
+    stat_lse = lse_ptr - query_offset
+    stat_delta = delta_ptr - query_offset
     # Flat (query of the chunk, head of the group) rows, ROWS at a time.
     for r0 in range(0, (end - start) * HPG_P, ROWS):
         r = r0 + offs_r
         qi = start + r // HPG_P
         h = r % HPG_P
         r_ok = (qi < end) & (h < heads_per_group)
-        t = tl.load(query_ptr + qi, mask=r_ok, other=0).to(tl.int64)
+        pos = tl.load(query_ptr + qi, mask=r_ok, other=query_offset).to(tl.int64)
         head = g * heads_per_group + h
-        row = (b * T + t) * H + head
+        row = (b_t + pos) * H + head
         q = tl.load(q_ptr + row[:, None] * DK + offs_dk[None, :],
                     mask=r_ok[:, None] & (offs_dk < DK)[None, :], other=0.0)
         do = tl.load(do_ptr + row[:, None] * DV + offs_dv[None, :],
                      mask=r_ok[:, None] & (offs_dv < DV)[None, :], other=0.0)
-        stat = (b * H + head) * T + t
-        lse2 = tl.load(lse_ptr + stat, mask=r_ok, other=0.0) * LOG2E
-        delta = tl.load(delta_ptr + stat, mask=r_ok, other=0.0)
+        stat = (b * H + head) * T + pos
+        lse2 = tl.load(stat_lse + stat, mask=r_ok, other=0.0) * LOG2E
+        delta = tl.load(stat_delta + stat, mask=r_ok, other=0.0)
 
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        visible = r_ok[:, None] & (kpos[None, :] <= t[:, None])
+        visible = r_ok[:, None] & (kpos[None, :] <= pos[:, None])
         p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -235,28 +242,30 @@ def _pow2(x: int, minimum: int = 16) -> int:
 
 
 def _reverse_index(
-    block_indices: torch.Tensor, block_size: int, chunk_queries: int
+    block_indices: torch.Tensor, block_size: int, chunk_queries: int, query_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries per selected block, cut into chunks.
 
-    Returns ``queries`` (int32: for each segment ``(b, g, j)`` in turn, the
-    ascending positions that selected block ``j``) and the chunk table (int32
+    Query ``t`` sits at position ``query_offset + t``, among ``query_offset + T`` keys
+    in ``ceil((query_offset + T) / block_size)`` blocks. Returns ``queries`` (int32:
+    for each segment ``(b, g, j)`` in turn, the ascending positions ``query_offset + t``
+    of the queries that selected block ``j``) and the chunk table (int32
     ``[max_chunks, 3]``: segment, start, end into ``queries``). ``max_chunks``
     is an upper bound known from shapes alone, so nothing waits on the device;
     surplus rows are empty (``start == end``).
     """
     batch, seq_len, groups, n = block_indices.shape
-    num_blocks = triton.cdiv(seq_len, block_size)
+    num_blocks = triton.cdiv(query_offset + seq_len, block_size)
     num_segments = batch * groups * num_blocks
     device = block_indices.device
 
     j = block_indices.permute(0, 2, 1, 3).long()  # [B, G, T, n]: flat order is (b, g, t)
     t = torch.arange(seq_len, device=device).view(1, 1, seq_len, 1)
-    used = (j >= 0) & (j * block_size <= t)
+    used = (j >= 0) & (j * block_size <= t + query_offset)
     segment = torch.arange(batch * groups, device=device).view(batch, groups, 1, 1) * num_blocks + j
     key = torch.where(used, segment, num_segments).flatten()
     key, order = torch.sort(key, stable=True)  # stable: each list stays in ascending t
-    queries = ((order // n) % seq_len).to(torch.int32)
+    queries = ((order // n) % seq_len + query_offset).to(torch.int32)
 
     seg_ids = torch.arange(num_segments, device=device)
     seg_start = torch.searchsorted(key, seg_ids)
@@ -291,9 +300,10 @@ def _dkdv_keys_per_program(block_size: int, dk_p: int, dv_p: int) -> int:
 
 class _SelectionAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_indices, block_size: int, scale: float):
+    def forward(ctx, q, k, v, block_indices, block_size: int, scale: float, query_offset: int):
         batch, seq_len, num_heads, dk = q.shape
         groups, dv, n = k.shape[2], v.shape[3], block_indices.shape[3]
+        num_keys = k.shape[1]
         hpg = num_heads // groups
         block_h, head_chunks = _group_tiles(hpg)
         precision = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -302,22 +312,23 @@ class _SelectionAttention(torch.autograd.Function):
         lse = torch.empty(batch, num_heads, seq_len, device=q.device, dtype=torch.float32)
         _fwd_kernel[(seq_len, groups * head_chunks, batch)](
             q, k, v, block_indices, o, lse,
-            seq_len, num_heads, groups, hpg, head_chunks, n, scale,
+            seq_len, num_keys, query_offset, num_heads, groups, hpg, head_chunks, n, scale,
             BLOCK_SIZE=block_size, BLOCK_H=block_h,
             DK=dk, DV=dv, DK_P=_pow2(dk), DV_P=_pow2(dv), PRECISION=precision,
             **FWD_LAUNCH,
         )
         ctx.save_for_backward(q, k, v, block_indices, o, lse)
-        ctx.block_size, ctx.scale = block_size, scale
+        ctx.block_size, ctx.scale, ctx.query_offset = block_size, scale, query_offset
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, block_indices, o, lse = ctx.saved_tensors
-        block_size, scale = ctx.block_size, ctx.scale
+        block_size, scale, query_offset = ctx.block_size, ctx.scale, ctx.query_offset
         do = do.contiguous()
         batch, seq_len, num_heads, dk = q.shape
         groups, dv, n = k.shape[2], v.shape[3], block_indices.shape[3]
+        num_keys = k.shape[1]
         hpg = num_heads // groups
         block_h, head_chunks = _group_tiles(hpg)
         dk_p, dv_p = _pow2(dk), _pow2(dv)
@@ -327,25 +338,26 @@ class _SelectionAttention(torch.autograd.Function):
         delta = torch.empty_like(lse)
         _bwd_dq_kernel[(seq_len, groups * head_chunks, batch)](
             q, k, v, block_indices, o, do, lse, delta, dq,
-            seq_len, num_heads, groups, hpg, head_chunks, n, scale,
+            seq_len, num_keys, query_offset, num_heads, groups, hpg, head_chunks, n, scale,
             BLOCK_SIZE=block_size, BLOCK_H=block_h,
             DK=dk, DV=dv, DK_P=dk_p, DV_P=dv_p, PRECISION=precision,
             **DQ_LAUNCH,
         )
 
         hpg_p = triton.next_power_of_2(hpg)
-        queries, table = _reverse_index(block_indices, block_size, max(1, BACKWARD_CHUNK_ROWS // hpg_p))
+        queries, table = _reverse_index(
+            block_indices, block_size, max(1, BACKWARD_CHUNK_ROWS // hpg_p), query_offset)
         dk_acc = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
         dv_acc = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
         block_n = _dkdv_keys_per_program(block_size, dk_p, dv_p)
         _bwd_dkdv_kernel[(table.shape[0], block_size // block_n)](
             q, k, v, do, lse, delta, queries, table, dk_acc, dv_acc,
-            seq_len, num_heads, groups, hpg, triton.cdiv(seq_len, block_size), scale,
+            seq_len, num_keys, query_offset, num_heads, groups, hpg, triton.cdiv(num_keys, block_size), scale,
             BLOCK_SIZE=block_size, BLOCK_N=block_n, HPG_P=hpg_p, ROWS=DKDV_ROWS if dk_p + dv_p <= 256 and q.element_size() == 2 else DKDV_ROWS // 2,
             DK=dk, DV=dv, DK_P=dk_p, DV_P=dv_p, PRECISION=precision,
             **DKDV_LAUNCH,
         )
-        return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype), None, None, None
+        return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype), None, None, None, None
 
 
 def selection_attention(
@@ -356,25 +368,33 @@ def selection_attention(
     *,
     select_block_size: int,
     scale: float,
+    query_offset: int = 0,
 ) -> torch.Tensor:
     """NSA selection branch: ``o [B, T, H, dv]`` in ``q``'s dtype, differentiable in q, k, v.
 
-    ``q [B, T, H, dk]``, ``k [B, T, G, dk]``, ``v [B, T, G, dv]``,
-    ``block_indices [B, T, G, n]`` (int; ``-1`` unused, distinct ids in any
-    order). Query ``t`` sees keys ``s <= t`` with ``s // select_block_size``
-    in its group's list; a row that sees nothing gives 0.
+    ``q [B, T, H, dk]``, ``k [B, S, G, dk]``, ``v [B, S, G, dv]`` with
+    ``S = query_offset + T`` (keys at positions ``0 .. S-1``, query ``t`` at
+    ``query_offset + t``: a shard of a longer sequence), ``block_indices [B, T, G, n]``
+    (int ids of blocks of ``k``; ``-1`` unused, distinct ids in any order). Query
+    ``t`` sees keys ``s <= query_offset + t`` with ``s // select_block_size`` in its
+    group's list; a row that sees nothing gives 0. Blocks no query selected get
+    zero dK/dV.
     """
     batch, seq_len, num_heads, dk = q.shape
     groups = k.shape[2]
     if num_heads % groups:
         raise ValueError(f"query heads ({num_heads}) must be a multiple of KV heads ({groups})")
-    if k.shape != (batch, seq_len, groups, dk) or v.shape[:3] != (batch, seq_len, groups):
-        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    if query_offset < 0:
+        raise ValueError(f"query_offset ({query_offset}) must be >= 0")
+    num_keys = query_offset + seq_len
+    if k.shape != (batch, num_keys, groups, dk) or v.shape[:3] != (batch, num_keys, groups):
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)} "
+                         f"and query_offset {query_offset}")
     if block_indices.shape[:3] != (batch, seq_len, groups):
         raise ValueError(f"block_indices {tuple(block_indices.shape)} does not match [B, T, G, n]")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError("q, k and v must share one dtype")
     return _SelectionAttention.apply(
         q.contiguous(), k.contiguous(), v.contiguous(),
-        block_indices.to(torch.int32).contiguous(), int(select_block_size), float(scale),
+        block_indices.to(torch.int32).contiguous(), int(select_block_size), float(scale), int(query_offset),
     )
