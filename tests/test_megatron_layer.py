@@ -1,5 +1,4 @@
 """NSA in Megatron-core at world size 1 (gloo, CPU): GPT training, equivalence with NativeSparseAttention, guards."""
-import os
 import tempfile
 import warnings
 
@@ -10,7 +9,8 @@ megatron_core = pytest.importorskip("megatron.core")
 
 import torch.distributed as dist  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
-from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.models.gpt import GPTModel, gpt_layer_specs  # noqa: E402
+from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
 from nsa_parallel import NativeSparseAttention, NSAConfig  # noqa: E402
@@ -22,6 +22,7 @@ from conftest import assert_close  # noqa: E402
 TINY = NSAConfig(compress_block_size=16, compress_stride=8, select_block_size=16, num_selected_blocks=4,
                  window_size=32)
 SEQ, VOCAB = 96, 32
+HUGE = 2 ** 40  # a hidden size no layer can be allocated for
 
 
 def tiny_config(**kw) -> TransformerConfig:
@@ -150,20 +151,38 @@ def test_heterogeneous_block_spec():
         get_gpt_decoder_block_nsa_spec(config, [True, False])
 
 
-def _build_attention(config: TransformerConfig, nsa_config=TINY):
+def _build_attention(config: TransformerConfig, nsa_config=TINY, **params):
     spec = get_gpt_layer_nsa_spec(nsa_config, backend="reference").submodules.self_attention
-    return NSASelfAttention(config, spec.submodules, layer_number=1, **spec.params)
+    return NSASelfAttention(config, spec.submodules, layer_number=1, **{**spec.params, **params})
 
 
-def test_bad_settings_raise_clear_errors():
+def test_bad_spec_settings_raise_clear_errors():
     with pytest.raises(ValueError, match="compress_block_size"):
         NSAConfig(compress_block_size=12, compress_stride=8)
+    with pytest.raises(ValueError, match="num_selected_blocks"):
+        NSAConfig(num_selected_blocks=2)
     with pytest.raises(ValueError, match="nsa_config"):
         get_gpt_layer_nsa_spec({"window_size": 32})
     with pytest.raises(ValueError, match="backend"):
         get_gpt_layer_nsa_spec(TINY, backend="cuda")
-    with pytest.raises(ValueError, match="kv_channels"):
-        _build_attention(tiny_config(kv_channels=15))
+    with pytest.raises(ValueError, match="multi_latent_attention"):
+        get_gpt_layer_nsa_spec(TINY, multi_latent_attention=True)
+    if not gpt_layer_specs.HAVE_TE:
+        with pytest.raises(ValueError, match="transformer_engine"):
+            get_gpt_layer_nsa_spec(TINY, use_transformer_engine=True)
+
+
+@pytest.mark.parametrize("config_kw, params, match", [
+    (dict(kv_channels=15), {}, "kv_channels"),
+    (dict(num_attention_heads=6, num_query_groups=4), {}, "num_query_groups"),
+    ({}, dict(nsa_config={"window_size": 32}), "nsa_config"),
+    ({}, dict(attn_mask_type=AttnMaskType.padding), "attn_mask_type"),
+    ({}, dict(backend="cuda"), "backend"),
+])
+def test_bad_attention_settings_fail_before_allocation(config_kw, params, match):
+    # No layer of hidden size HUGE can be allocated: a ValueError means the check came first.
+    with pytest.raises(ValueError, match=match):
+        _build_attention(tiny_config(hidden_size=HUGE, **config_kw), **params)
 
 
 def test_unsupported_arguments_raise():
@@ -172,5 +191,17 @@ def test_unsupported_arguments_raise():
     x = torch.randn(40, 1, 64)
     with pytest.raises(ValueError, match="key_value_states"):
         attn(x, None, key_value_states=x)
-    with pytest.raises(NotImplementedError, match="packed_seq_params"):
-        attn(x, None, packed_seq_params=object())
+    unsupported = {
+        "packed_seq_params": dict(packed_seq_params=object()),
+        "inference_context": dict(inference_context=object()),
+        "attention_bias": dict(attention_bias=torch.zeros(1)),
+        "rotary_pos_emb, not precomputed": dict(rotary_pos_cos=torch.zeros(1), rotary_pos_sin=torch.zeros(1)),
+        r"not a \(q, k\) pair": dict(rotary_pos_emb=(torch.zeros(40, 1, 1, 16),) * 2),
+        "rotary_percent": dict(rotary_pos_emb=torch.zeros(40, 1, 1, 8)),  # rotary_percent=0.5
+    }
+    for match, kwargs in unsupported.items():
+        with pytest.raises(NotImplementedError, match=match):
+            attn(x, None, **kwargs)
+    interleaved = _build_attention(tiny_config(rotary_interleaved=True))
+    with pytest.raises(NotImplementedError, match="rotary_interleaved"):
+        interleaved(x, None, rotary_pos_emb=torch.zeros(40, 1, 1, 16))
