@@ -36,6 +36,7 @@ RUN pip install "ray[default,train]==${RAY_VERSION}"
 
 COPY nsa_parallel/ nsa_parallel/
 COPY kernels/ kernels/
+COPY launch/ launch/
 RUN pip install . && rm -rf build *.egg-info
 
 COPY configs/ configs/

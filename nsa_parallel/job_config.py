@@ -27,6 +27,7 @@ class ModelSection:
     ffn_hidden_size: int = 256
     vocab_size: int = 64
     rotary_base: float = 10000.0
+    attention: str = "nsa"  # "nsa", or "full": Megatron's own attention spec (the baseline)
 
 
 @dataclass
@@ -58,6 +59,8 @@ class TrainSection:
     output_dir: str = "outputs/run"
     checkpoint_interval: int = 50
     log_interval: int = 10
+    keep_checkpoints: int = 2  # older checkpoints are deleted once a newer one is complete
+    clip_grad: float = 1.0  # max global gradient norm; 0 turns clipping off
     seed: int = 1234
     precision: str = "bf16"
 
@@ -65,7 +68,7 @@ class TrainSection:
 @dataclass
 class DataSection:
     path: Optional[str] = None  # Megatron indexed dataset prefix; None: the built-in retrieval task
-    num_pairs: int = 32
+    num_pairs: int = 32  # retrieval task: key-value pairs spread through each sequence, all queried at its end
 
 
 @dataclass
@@ -74,6 +77,7 @@ class LaunchSection:
     num_workers: int = 1
     gpus_per_worker: int = 0
     cpus_per_worker: int = 1
+    max_failures: int = 3  # worker-group restarts (each resumes from the latest checkpoint)
 
 
 @dataclass
@@ -101,6 +105,7 @@ class JobConfig:
 
 
 PRECISIONS = ("bf16", "fp32")
+ATTENTIONS = ("nsa", "full")
 
 
 def _layers(path: Path, seen: tuple[Path, ...] = ()) -> list:
@@ -146,16 +151,32 @@ def validate(c: JobConfig) -> None:
     _positive(p, "parallel", ("tensor_model_parallel_size", "context_parallel_size",
                               "pipeline_model_parallel_size"))
     _positive(t, "train", ("max_steps", "seq_length", "micro_batch_size", "global_batch_size",
-                           "checkpoint_interval", "log_interval"))
+                           "checkpoint_interval", "log_interval", "keep_checkpoints"))
     _positive(lc, "launch", ("num_workers", "cpus_per_worker"))
-    if lc.gpus_per_worker < 0:
-        raise ValueError(f"launch.gpus_per_worker ({lc.gpus_per_worker}) must not be negative")
+    if lc.gpus_per_worker not in (0, 1):
+        raise ValueError(f"launch.gpus_per_worker ({lc.gpus_per_worker}) must be 0 (CPU) or 1: one worker per GPU")
+    if lc.max_failures < 0:
+        raise ValueError(f"launch.max_failures ({lc.max_failures}) must not be negative")
+    if t.clip_grad < 0:
+        raise ValueError(f"train.clip_grad ({t.clip_grad}) must not be negative (0 turns clipping off)")
     if t.precision not in PRECISIONS:
         raise ValueError(f"train.precision ({t.precision!r}) must be one of {PRECISIONS}")
+    if t.precision == "bf16" and lc.gpus_per_worker == 0:
+        raise ValueError("train.precision (bf16) needs GPUs: set launch.gpus_per_worker=1 or train.precision=fp32")
+    if m.attention not in ATTENTIONS:
+        raise ValueError(f"model.attention ({m.attention!r}) must be one of {ATTENTIONS}")
+    if m.attention == "full" and lc.gpus_per_worker == 0:
+        raise ValueError("model.attention=full (Megatron's attention) needs GPUs: set launch.gpus_per_worker=1")
+    if m.attention == "full" and p.context_parallel_size > 1:
+        raise ValueError("model.attention=full (Megatron's local attention) does not support "
+                         f"parallel.context_parallel_size ({p.context_parallel_size}) > 1")
     if m.num_attention_heads % m.num_query_groups:
         raise ValueError(f"model.num_attention_heads ({m.num_attention_heads}) must be a multiple of "
                          f"model.num_query_groups ({m.num_query_groups})")
     tp = p.tensor_model_parallel_size
+    if m.vocab_size % tp:
+        raise ValueError(f"model.vocab_size ({m.vocab_size}) must be divisible by "
+                         f"parallel.tensor_model_parallel_size ({tp})")
     if m.num_query_groups % tp:
         raise ValueError(f"model.num_query_groups ({m.num_query_groups}) must be divisible by "
                          f"parallel.tensor_model_parallel_size ({tp})")
@@ -171,7 +192,23 @@ def validate(c: JobConfig) -> None:
     if t.seq_length % chunk:
         raise ValueError(f"train.seq_length ({t.seq_length}) must be divisible by 2 x "
                          f"parallel.context_parallel_size x nsa.select_block_size ({chunk})")
+    if c.data.path is None:
+        _check_retrieval_task(c)
     per_step = t.micro_batch_size * c.data_parallel_size
     if t.global_batch_size % per_step:
         raise ValueError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
                          f"train.micro_batch_size x data-parallel size ({per_step})")
+
+
+def _check_retrieval_task(c: JobConfig) -> None:
+    """The built-in task needs distinct key tokens and room for every pair and its query."""
+    pairs = c.data.num_pairs
+    if pairs <= 0:
+        raise ValueError(f"data.num_pairs ({pairs}) must be positive")
+    # One query token, then keys and values: half the rest each (see nsa_parallel.train.data).
+    if (c.model.vocab_size - 1) // 2 < pairs:
+        raise ValueError(f"data.num_pairs ({pairs}) needs model.vocab_size >= {2 * pairs + 1} "
+                         f"(distinct keys), got {c.model.vocab_size}")
+    if c.train.seq_length + 1 < 5 * pairs:
+        raise ValueError(f"data.num_pairs ({pairs}) does not fit train.seq_length ({c.train.seq_length}): "
+                         f"each pair takes 2 tokens and its query 3, so at most {(c.train.seq_length + 1) // 5}")

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Sets up and runs the main job (for now: a small NSA training demo; GPU when present, else CPU).
+# Sets up .venv and runs the main job: nsa-train on configs/tiny.yaml (2 CPU workers on an
+# embedded local Ray, context parallelism 2), then prints where the checkpoints and logs went.
+# Arguments are config overrides, e.g. ./scripts/run.sh train.max_steps=100
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
-python -m nsa_parallel.demo "$@"
+nsa-train --config configs/tiny.yaml "$@"

@@ -1,0 +1,93 @@
+"""Runs ``nsa-train``'s workers with Ray Train on an embedded local Ray or an existing cluster.
+
+With neither ``launch.address`` nor ``RAY_ADDRESS`` (which KubeRay sets for a RayJob's
+entrypoint) it starts a local Ray sized to this machine; otherwise it joins the cluster.
+``TorchTrainer`` starts ``launch.num_workers`` workers (one per GPU with NCCL, or gloo on
+CPUs), sets up ``torch.distributed`` and runs the trainer in each. Workers are packed
+node by node, so consecutive ranks (Megatron's TP and CP groups) share a node and a job
+of whole nodes spreads over as many nodes. When a worker dies, Ray Train restarts the
+whole group (up to ``launch.max_failures`` times) and the trainer resumes from the
+latest checkpoint under ``train.output_dir``, the one source of truth for progress.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import ray
+
+from nsa_parallel.job_config import JobConfig
+from nsa_parallel.train.paths import RunPaths
+
+from .resources import check_resources, local_resources
+
+log = logging.getLogger(__name__)
+
+
+def _forwarded_env() -> dict[str, str]:
+    """The driver's settings that the workers need wherever they run: nsa-train's own
+    ``NSA_TRAIN_*`` variables and the warning filters."""
+    return {k: v for k, v in os.environ.items() if k.startswith("NSA_TRAIN_") or k == "PYTHONWARNINGS"}
+
+
+def _train_worker(loop_config: dict) -> None:
+    """Ray Train's per-worker function: torch.distributed is up; train on this worker's device."""
+    import ray.train.torch
+
+    from nsa_parallel.train.logs import quiet_libraries
+    from nsa_parallel.train.trainer import train
+
+    quiet_libraries()  # Ray Train relays the root logger's records to the driver
+    train(loop_config["config"], ray.train.torch.get_device())
+
+
+class RayJob:
+    """Starts or joins Ray on construction and checks its resources; :meth:`run` trains.
+
+    Construction raises ``ValueError`` naming ``launch.num_workers`` when the machine or
+    cluster is too small, before any worker starts or anything is written.
+    """
+
+    def __init__(self, config: JobConfig):
+        self.config = config
+        self.address = config.launch.address or os.environ.get("RAY_ADDRESS")
+        if self.address is None:
+            available = local_resources()
+            check_resources(config, available, "this machine")  # before starting Ray at all
+            log.info("starting a local Ray with %d CPUs and %d GPUs", available["CPU"], available["GPU"])
+            # "local": a new instance even when `ray start` left one running on this machine.
+            ray.init(address="local", num_cpus=int(available["CPU"]), num_gpus=int(available["GPU"]),
+                     runtime_env={"env_vars": _forwarded_env()})
+        else:
+            log.info("joining the Ray cluster at %s", self.address)
+            ray.init(address=self.address, runtime_env={"env_vars": _forwarded_env()})
+            try:
+                check_resources(config, ray.cluster_resources(), f"the Ray cluster at {self.address}")
+            except ValueError:
+                ray.shutdown()
+                raise
+
+    def run(self) -> None:
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        lc = self.config.launch
+        paths = RunPaths(Path(self.config.train.output_dir))
+        paths.output_dir.mkdir(parents=True, exist_ok=True)
+        on_gpu = lc.gpus_per_worker > 0
+        resources = {"CPU": lc.cpus_per_worker, **({"GPU": lc.gpus_per_worker} if on_gpu else {})}
+        trainer = TorchTrainer(
+            _train_worker,
+            train_loop_config={"config": self.config},
+            scaling_config=ScalingConfig(num_workers=lc.num_workers, use_gpu=on_gpu, resources_per_worker=resources,
+                                         placement_strategy="PACK"),
+            torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
+            # Ray Train's own run records; checkpoints are the trainer's (paths.checkpoints).
+            run_config=RunConfig(name=paths.output_dir.name, storage_path=str(paths.ray),
+                                 failure_config=FailureConfig(max_failures=lc.max_failures)))
+        try:
+            trainer.fit()
+        finally:
+            if self.address is None:
+                ray.shutdown()

@@ -1,0 +1,125 @@
+"""Training data: the built-in long-context retrieval task, or Megatron's ``GPTDataset``.
+
+Both serve sample ``i`` as ``tokens``, ``labels`` and ``loss_mask`` of ``seq_length``
+tokens. A sample depends only on the seed and ``i``, and a step's samples only on how
+many came before it, so a resumed run trains on exactly what an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from ..job_config import JobConfig
+from .context_parallel import zigzag_slice
+
+QUERY_TOKEN = 0
+
+
+class TokenSource(Protocol):
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]: ...
+
+
+class RetrievalTask:
+    """Key-value pairs spread through a long sequence, every key asked for at its end.
+
+    Token ids: ``0`` starts a query; keys are ``[1, 1 + n)`` and values ``[1 + n, 1 + 2n)``
+    with ``n = (vocab_size - 1) // 2``. The sequence is noise drawn from the values, with
+    pair ``i`` (a key, then its value) at a random place in the ``i``-th of ``num_pairs``
+    equal stretches. The last ``3 * num_pairs`` tokens ask for every key once, in random
+    order, as ``0 key value``. Only the answers carry loss: guessing a value gives
+    ``log n``; going below that means the model found the pair, up to a whole sequence back.
+    """
+
+    def __init__(self, vocab_size: int, seq_length: int, num_pairs: int, seed: int):
+        self.num_ids = (vocab_size - 1) // 2
+        self.seq_length, self.num_pairs, self.seed = seq_length, num_pairs, seed
+        self.haystack = seq_length + 1 - 3 * num_pairs  # one extra token: labels are tokens shifted by one
+        self.stretch = self.haystack // num_pairs
+        if self.num_ids < num_pairs or self.stretch < 2:
+            raise ValueError(f"{num_pairs} pairs do not fit vocab_size {vocab_size} and seq_length {seq_length}")
+
+    @property
+    def guessing_loss(self) -> float:
+        """The loss of a model that knows the answer is a value but not which: ``log n``."""
+        return math.log(self.num_ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        n, pairs = self.num_ids, self.num_pairs
+        keys = torch.randperm(n, generator=g)[:pairs] + 1
+        values = torch.randint(0, n, (pairs,), generator=g) + 1 + n
+        text = torch.randint(0, n, (self.seq_length + 1,), generator=g) + 1 + n
+        where = torch.arange(pairs) * self.stretch + torch.randint(0, self.stretch - 1, (pairs,), generator=g)
+        text[where], text[where + 1] = keys, values
+        order = torch.randperm(pairs, generator=g)
+        text[self.haystack:] = torch.stack([torch.full((pairs,), QUERY_TOKEN), keys[order], values[order]], 1).flatten()
+        loss_mask = torch.zeros(self.seq_length)
+        loss_mask[self.haystack + 1::3] = 1.0  # the query's key: its label is the value
+        return {"tokens": text[:-1], "labels": text[1:], "loss_mask": loss_mask}
+
+
+class _TokenIds:
+    """What ``GPTDataset`` asks of a tokenizer. Data on disk is token ids already; the EOD id
+    matters only with EOD loss masking or position resets, both off here."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size, self.eod, self.pad, self.special_tokens_dict = vocab_size, None, -1, {}
+        self.unique_identifiers = {"class": type(self).__name__, "vocab_size": vocab_size}  # part of the cache key
+
+
+class IndexedDataset:
+    """Megatron's ``GPTDataset`` over the indexed dataset at ``data.path`` (its .bin/.idx prefix).
+
+    Built for ``num_samples`` samples; the shuffle indices are cached under ``cache_dir``
+    (rank 0 builds them, the other ranks wait and read them).
+    """
+
+    def __init__(self, config: JobConfig, num_samples: int, cache_dir: Path):
+        from megatron.core.datasets.blended_megatron_dataset_builder import (
+            BlendedMegatronDatasetBuilder,
+        )
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+        dataset_config = GPTDatasetConfig(
+            random_seed=config.train.seed, sequence_length=config.train.seq_length,
+            blend=([config.data.path], None), split="100,0,0", tokenizer=_TokenIds(config.model.vocab_size),
+            reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+            create_attention_mask=False, path_to_cache=str(cache_dir))
+        self.dataset = BlendedMegatronDatasetBuilder(
+            GPTDataset, [num_samples, 0, 0], lambda: True, dataset_config).build()[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.dataset[index]
+        return {key: sample[key] for key in ("tokens", "labels", "loss_mask")}
+
+
+def token_source(config: JobConfig, cache_dir: Path) -> TokenSource:
+    """The data ``config`` asks for: ``data.path``'s indexed dataset, else the retrieval task."""
+    t = config.train
+    if config.data.path is None:
+        return RetrievalTask(config.model.vocab_size, t.seq_length, config.data.num_pairs, t.seed)
+    return IndexedDataset(config, t.max_steps * t.global_batch_size, cache_dir)
+
+
+def step_microbatches(source: TokenSource, consumed_samples: int, config: JobConfig, dp_rank: int, dp_size: int,
+                      cp_rank: int, cp_size: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of the step that starts after ``consumed_samples`` samples.
+
+    Micro-batch ``m`` of data-parallel rank ``d`` holds global samples
+    ``consumed + (m * dp_size + d) * mbs + [0, mbs)``; each tensor is cut to this
+    context-parallel rank's zigzag share of the sequence, ``position_ids`` included.
+    """
+    mbs = config.train.micro_batch_size
+    micro_batches = config.train.global_batch_size // (mbs * dp_size)
+    out = []
+    for m in range(micro_batches):
+        first = consumed_samples + (m * dp_size + dp_rank) * mbs
+        samples = [source[i] for i in range(first, first + mbs)]
+        batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+        batch["position_ids"] = torch.arange(config.train.seq_length).expand(mbs, -1)
+        out.append({key: zigzag_slice(value, cp_size, cp_rank).to(device, non_blocking=True)
+                    for key, value in batch.items()})
+    return out

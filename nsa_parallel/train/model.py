@@ -1,0 +1,65 @@
+"""Megatron parallel state and the GPT model a job config describes."""
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel, gpt_layer_specs
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ..job_config import JobConfig
+from ..megatron import get_gpt_layer_nsa_spec
+
+
+def init_model_parallel(config: JobConfig, device: torch.device) -> None:
+    """Megatron's TP/CP/PP groups (DP is what is left) on the already initialised default group.
+
+    Seeds every rank alike first, so data-parallel replicas start from the same weights.
+    """
+    p = config.parallel
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        context_parallel_size=p.context_parallel_size)
+    torch.manual_seed(config.train.seed)
+    if device.type == "cuda":
+        # Megatron's tracker gives each TP rank its own stream for TP-split weights.
+        tensor_parallel.model_parallel_cuda_manual_seed(config.train.seed)
+
+
+def transformer_config(config: JobConfig, device: torch.device) -> TransformerConfig:
+    m, p = config.model, config.parallel
+    bf16 = config.train.precision == "bf16"
+    return TransformerConfig(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups, kv_channels=m.kv_channels, ffn_hidden_size=m.ffn_hidden_size,
+        tensor_model_parallel_size=p.tensor_model_parallel_size, context_parallel_size=p.context_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        hidden_dropout=0.0, attention_dropout=0.0,
+        bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_cpu_initialization=device.type == "cpu",
+        # Losses are summed over tokens and divided by the global token count once
+        # (see trainer.train_step), so gradients are summed, not averaged, over replicas.
+        calculate_per_token_loss=True)
+
+
+def layer_spec(config: JobConfig) -> ModuleSpec:
+    """NSA's layer spec, or Megatron's own (Transformer Engine's when installed) for ``attention=full``."""
+    if config.model.attention == "nsa":
+        return get_gpt_layer_nsa_spec(config.nsa_config, rotary_base=config.model.rotary_base)
+    if gpt_layer_specs.HAVE_TE:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec()
+
+
+def build_model(config: JobConfig, device: torch.device) -> GPTModel:
+    """The GPT model on ``device``: Megatron's rotary on GPU; NSA's own on CPU, where Megatron's
+    rotary table insists on CUDA (``position_embedding_type="none"``)."""
+    rope = device.type == "cuda"
+    model = GPTModel(
+        config=transformer_config(config, device), transformer_layer_spec=layer_spec(config),
+        vocab_size=config.model.vocab_size, max_sequence_length=config.train.seq_length,
+        position_embedding_type="rope" if rope else "none", rotary_base=int(config.model.rotary_base))
+    return model.to(device)

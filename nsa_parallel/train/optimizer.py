@@ -1,0 +1,146 @@
+"""Gradient synchronisation and AdamW: Megatron's DDP + distributed optimizer on GPUs, plain torch on CPUs.
+
+Both sum each step's per-token losses, sum gradients over the data-parallel and
+context-parallel ranks, divide by the global number of loss tokens, clip by the norm
+over all model-parallel shards and step AdamW; biases and norm weights get no weight
+decay. Megatron's DDP and optimizer keep their buffers on CUDA, hence the CPU twin.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict
+from megatron.core.dist_checkpointing.optimizer import (
+    get_param_id_to_sharded_param_map,
+    optim_state_to_sharding_state,
+)
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from ..job_config import TrainSection
+
+ADAM_BETAS = (0.9, 0.95)  # the usual LLM pre-training setting
+ADAM_EPS = 1e-8
+# Optimizer state sharded per DP rank as laid out in memory: the fastest save and load
+# (resharding only over DP); Megatron-LM's default.
+DIST_CKPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _decays(name: str, param: torch.nn.Parameter) -> bool:
+    return param.ndim > 1 and not name.endswith(".bias")
+
+
+class LocalAdamW:
+    """CPU: torch AdamW; gradients summed over the DP x CP group with one flat all-reduce."""
+
+    def __init__(self, model: GPTModel, train: TrainSection):
+        self.module = model  # what the forward pass runs
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in named if _decays(n, p)], "weight_decay": train.weight_decay},
+                  {"params": [p for n, p in named if not _decays(n, p)], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.clip_grad = train.clip_grad
+        self.dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        self.model_parallel_group = parallel_state.get_model_parallel_group()
+
+    def zero_grad(self) -> None:
+        for p in self.params:  # zeros, not None: the flat all-reduce needs every gradient
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad.zero_()
+
+    def reduce_gradients(self, num_tokens: torch.Tensor) -> None:
+        """Sums gradients and ``num_tokens`` (in place) over DP x CP, then divides the gradients by it."""
+        dist.all_reduce(num_tokens, group=self.dp_cp_group)
+        grads = [p.grad for p in self.params]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=self.dp_cp_group)
+        flat /= num_tokens.clamp(min=1)
+        for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(reduced)
+
+    def step(self, lr: float) -> float:
+        """Clips, steps with learning rate ``lr``; returns the gradient norm before clipping."""
+        # TP-split weights count once per shard, TP-replicated ones once in all.
+        squares = sum(p.grad.double().square().sum() for p in self.params if param_is_not_tensor_parallel_duplicate(p))
+        squares = torch.as_tensor(squares, dtype=torch.float64)
+        dist.all_reduce(squares, group=self.model_parallel_group)
+        norm = squares.sqrt().item()
+        if self.clip_grad > 0 and norm > self.clip_grad:
+            for p in self.params:
+                p.grad.mul_(self.clip_grad / (norm + 1e-6))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        return norm
+
+    def sharded_state_dict(self, model_state: ShardedStateDict, is_loading: bool = False) -> dict[str, Any]:
+        """AdamW's moments sharded like their parameters; the step count is the checkpoint's own."""
+        if is_loading:  # the load template needs every moment to exist already
+            for p in self.params:
+                state = self.optimizer.state[p]
+                if not state:
+                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        state = self.optimizer.state_dict()
+        optim_state_to_sharding_state(state, get_param_id_to_sharded_param_map(model_state, self.params),
+                                      exclude_keys=("step",))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
+        for moments in state["state"].values():
+            moments["step"] = torch.tensor(float(step))
+        self.optimizer.load_state_dict(state)
+
+
+class MegatronAdamW:
+    """GPU: Megatron's ``DistributedDataParallel`` and distributed optimizer (fp32 main weights under bf16)."""
+
+    def __init__(self, model: GPTModel, train: TrainSection):
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+        )
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.transformer.module import Float16Module
+
+        config = model.config
+        module = Float16Module(config, model) if config.bf16 else model
+        self.module = DistributedDataParallel(
+            config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True), module)
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
+                            adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], adam_eps=ADAM_EPS,
+                            clip_grad=train.clip_grad, bf16=config.bf16, params_dtype=config.params_dtype,
+                            use_distributed_optimizer=True),
+            [self.module])
+
+    def zero_grad(self) -> None:
+        self.module.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def reduce_gradients(self, num_tokens: torch.Tensor) -> None:
+        from megatron.core.distributed import finalize_model_grads
+
+        finalize_model_grads([self.module], num_tokens=num_tokens)
+
+    def step(self, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        _, grad_norm, _ = self.optimizer.step()
+        return float(grad_norm or 0.0)
+
+    def sharded_state_dict(self, model_state: ShardedStateDict, is_loading: bool = False) -> dict[str, Any]:
+        return self.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=DIST_CKPT_METADATA)
+
+    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+def build_optimizer(model: GPTModel, train: TrainSection, device: torch.device) -> LocalAdamW | MegatronAdamW:
+    return MegatronAdamW(model, train) if device.type == "cuda" else LocalAdamW(model, train)

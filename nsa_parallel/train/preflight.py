@@ -1,0 +1,20 @@
+"""Checks beyond the config's own validation, run before any worker starts or anything is written."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..job_config import JobConfig
+
+
+def check_job(config: JobConfig) -> None:
+    """Raises ``ValueError`` naming the key for what the trainer cannot run."""
+    pp = config.parallel.pipeline_model_parallel_size
+    if pp > 1:
+        raise ValueError(f"parallel.pipeline_model_parallel_size ({pp}): nsa-train has no pipeline schedule "
+                         "yet; use 1")
+    path = config.data.path
+    if path is not None:
+        for suffix in (".bin", ".idx"):
+            if not Path(path + suffix).is_file():
+                raise ValueError(f"data.path ({path}): {path}{suffix} does not exist (data.path is the prefix "
+                                 "of a Megatron indexed dataset, without .bin/.idx)")

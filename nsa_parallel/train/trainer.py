@@ -1,0 +1,186 @@
+"""What every worker runs: build the model, resume from the latest checkpoint, train, checkpoint.
+
+:func:`train` runs on each rank after ``torch.distributed`` is initialised (by Ray Train,
+``torchrun`` or the single-process runner); it sets up Megatron's parallel state itself.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from omegaconf import OmegaConf
+
+from ..context_parallel import CommStats
+from ..job_config import JobConfig
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_common,
+    remove_interrupted,
+    save_checkpoint,
+)
+from .data import RetrievalTask, step_microbatches, token_source
+from .fault import maybe_crash
+from .metrics import MetricsWriter
+from .model import build_model, init_model_parallel
+from .optimizer import DIST_CKPT_METADATA, build_optimizer
+from .paths import RunPaths
+from .progress import Progress
+from .schedule import learning_rate
+
+log = logging.getLogger(__name__)
+
+
+def _parallel_layout() -> dict[str, int]:
+    ps = parallel_state
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "cp": ps.get_context_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size()}
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _checkpoint_state(model, optimizer, step: int, consumed_samples: int, device: torch.device,
+                      is_loading: bool = False, with_rng: bool = True) -> dict:
+    """Model and optimizer shards, plain step/data/layout values, and this rank's RNG state."""
+    model_state = model.sharded_state_dict(metadata=DIST_CKPT_METADATA)
+    state = {"model": model_state, "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading),
+             "step": step, "consumed_samples": consumed_samples, "parallel_layout": _parallel_layout()}
+    if with_rng:
+        # One RNG state per model-parallel position; data-parallel replicas hold the same one.
+        ps = parallel_state
+        state["rng_state"] = ShardedObject(
+            "rng_state", _rng_state(device),
+            (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_context_parallel_world_size()),
+            (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+             ps.get_context_parallel_rank()),
+            replica_id=ps.get_data_parallel_rank())
+    return state
+
+
+def _resume(paths: RunPaths, model, optimizer, device: torch.device) -> tuple[int, int]:
+    """Loads the latest checkpoint if there is one; returns (step, consumed samples)."""
+    path = latest_checkpoint(paths.checkpoints)
+    if path is None:
+        return 0, 0
+    common = load_common(path)
+    # RNG states are per parallel position; after a change of layout they start afresh.
+    same_layout = common["parallel_layout"] == _parallel_layout()
+    template = _checkpoint_state(model, optimizer, 0, 0, device, is_loading=True, with_rng=same_layout)
+    loaded = load_checkpoint(path, template)
+    model.load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"], loaded["step"])
+    if same_layout:
+        _set_rng_state(loaded["rng_state"])
+    if dist.get_rank() == 0:
+        log.info("resuming from %s (step %d)", path, loaded["step"])
+    return loaded["step"], loaded["consumed_samples"]
+
+
+def train_step(module: torch.nn.Module, optimizer, microbatches: list[dict[str, torch.Tensor]], lr: float,
+               dp_cp_group: dist.ProcessGroup) -> tuple[float, float]:
+    """One optimizer step over this rank's micro-batches; returns (global mean loss, grad norm).
+
+    Each micro-batch's loss is summed over its loss tokens; gradients and token counts are
+    summed over all replicas and divided once, so the loss is the exact mean over every
+    loss token of the global batch, however it is split over micro-batches and ranks.
+    """
+    optimizer.zero_grad()
+    device = microbatches[0]["tokens"].device
+    loss_sum, num_tokens = torch.zeros((), device=device), torch.zeros((), device=device)
+    for mb in microbatches:
+        per_token = module(mb["tokens"], mb["position_ids"], None, labels=mb["labels"])
+        loss = (per_token.float() * mb["loss_mask"]).sum()
+        loss.backward()
+        loss_sum += loss.detach()
+        num_tokens += mb["loss_mask"].sum()
+    optimizer.reduce_gradients(num_tokens)  # num_tokens becomes the global count
+    grad_norm = optimizer.step(lr)
+    dist.all_reduce(loss_sum, group=dp_cp_group)
+    return (loss_sum / num_tokens.clamp(min=1)).item(), grad_norm
+
+
+def take_comm_stats(model: torch.nn.Module) -> dict[str, float]:
+    """MiB this rank's NSA layers exchanged for context parallelism since the last call, by path."""
+    totals: dict[str, int] = {}
+    for module in model.modules():
+        stats = getattr(module, "comm_stats", None)
+        if isinstance(stats, CommStats):
+            for key, value in stats.as_dict().items():
+                totals[key] = totals.get(key, 0) + value
+            stats.reset()
+    return {f"cp_comm/{key}_MiB": value / 2**20 for key, value in totals.items() if value}
+
+
+def train(config: JobConfig, device: torch.device) -> None:
+    """Trains ``config`` on this rank until ``train.max_steps``, resuming from the latest checkpoint."""
+    t = config.train
+    paths = RunPaths(Path(t.output_dir))
+    rank0 = dist.get_rank() == 0
+    init_model_parallel(config, device)
+    try:
+        if rank0:
+            paths.checkpoints.mkdir(parents=True, exist_ok=True)
+            remove_interrupted(paths.checkpoints)
+        dist.barrier()
+        model = build_model(config, device)
+        optimizer = build_optimizer(model, t, device)
+        source = token_source(config, paths.data_cache)
+        step, consumed = _resume(paths, model, optimizer, device)
+        if rank0:
+            log.info("%s attention, %.1fM parameters per model-parallel rank, parallel layout %s; steps %d to %d",
+                     config.model.attention, sum(p.numel() for p in model.parameters()) / 1e6, _parallel_layout(),
+                     step + 1, t.max_steps)
+            if isinstance(source, RetrievalTask):
+                log.info("retrieval task: %d key-value pairs per sequence; loss %.2f is guessing a value, "
+                         "lower means the model finds the pairs in its context", config.data.num_pairs,
+                         source.guessing_loss)
+        ps = parallel_state
+        dp_cp_group = ps.get_data_parallel_group(with_context_parallel=True)
+        metrics = MetricsWriter(paths, step) if rank0 else None
+        progress = Progress(step, t.max_steps, t.log_interval, t.global_batch_size * t.seq_length) if rank0 else None
+        job_yaml = OmegaConf.to_yaml(OmegaConf.structured(config))
+        while step < t.max_steps:
+            lr = learning_rate(step, t)
+            batches = step_microbatches(source, consumed, config, ps.get_data_parallel_rank(),
+                                        ps.get_data_parallel_world_size(), ps.get_context_parallel_rank(),
+                                        ps.get_context_parallel_world_size(), device)
+            loss, grad_norm = train_step(optimizer.module, optimizer, batches, lr, dp_cp_group)
+            step, consumed = step + 1, consumed + t.global_batch_size
+            maybe_crash("step", step, paths.checkpoints)
+            comm = take_comm_stats(model)
+            if rank0:
+                tokens_per_s = progress.update(step, loss, lr, grad_norm)
+                metrics.write(step, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                                     **comm})
+                if comm and step == 1:
+                    log.info("context-parallel bytes of rank 0 in step 1 (MiB): %s",
+                             {k.removeprefix("cp_comm/"): round(v, 2) for k, v in comm.items()})
+            if step % t.checkpoint_interval == 0 or step == t.max_steps:
+                state = _checkpoint_state(model, optimizer, step, consumed, device)
+                saved = save_checkpoint(paths.checkpoints, step, state, t.keep_checkpoints, {"job.yaml": job_yaml})
+                if rank0:
+                    log.info("saved checkpoint %s", saved)
+                    progress.restart_clock()  # tokens/s counts training time only
+        if rank0:
+            progress.close()
+            metrics.close()
+    finally:
+        parallel_state.destroy_model_parallel()

@@ -1,0 +1,87 @@
+"""The nsa-train command: bad configs and resources fail before any work, naming the key; --no-ray trains
+on Megatron's GPTDataset."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nsa_parallel.train import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(autouse=True)
+def restore_pythonwarnings(monkeypatch):
+    monkeypatch.setenv("PYTHONWARNINGS", "")  # nsa-train extends it; undone after each test
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.max_stepz=3"], "max_stepz"),
+    (["nsa.select_block_size=48"], "nsa.select_block_size"),
+    (["train.seq_length=96"], "train.seq_length (96) must be divisible by 2 x parallel.context_parallel_size"),
+    (["parallel.pipeline_model_parallel_size=2", "parallel.context_parallel_size=1"],
+     "parallel.pipeline_model_parallel_size (2): nsa-train has no pipeline schedule"),
+    (["data.path=/nonexistent/corpus"], "data.path (/nonexistent/corpus): /nonexistent/corpus.bin does not exist"),
+])
+def test_bad_job_fails_before_any_work_naming_the_key(overrides, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["--config", TINY, f"train.output_dir={out}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nsa-train: error: ") and message in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["launch.cpus_per_worker=100000"],
+     "launch.num_workers (2) x launch.cpus_per_worker (100000) = 200000 CPUs, but this machine has"),
+    (["launch.num_workers=1024", "train.global_batch_size=512", "launch.gpus_per_worker=1", "train.precision=bf16"],
+     "launch.num_workers (1024)"),
+])
+def test_more_workers_than_resources_fail_before_ray_starts(overrides, message, tmp_path, capsys):
+    ray = pytest.importorskip("ray", reason="the resource check is the Ray launcher's")
+    out = tmp_path / "run"
+    assert cli.main(["--config", TINY, f"train.output_dir={out}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nsa-train: error: ") and message in err, err
+    assert not out.exists() and not ray.is_initialized()
+
+
+def test_no_ray_needs_as_many_processes_as_workers(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["--config", TINY, "--no-ray", f"train.output_dir={out}"]) == 2
+    assert "launch.num_workers (2) must equal the number of processes (1) with --no-ray" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def _indexed_dataset(prefix: Path, vocab: int) -> None:
+    import numpy
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=numpy.int32)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        doc = torch.randint(0, vocab, (int(torch.randint(50, 400, (1,), generator=g)),), generator=g)
+        builder.add_document(doc, [len(doc)])
+    builder.finalize(f"{prefix}.idx")
+
+
+def test_no_ray_trains_on_megatron_gpt_dataset(tmp_path):
+    pytest.importorskip("megatron.core")
+    prefix, out = tmp_path / "corpus", tmp_path / "run"
+    _indexed_dataset(prefix, vocab=64)
+    run = subprocess.run(
+        [sys.executable, "-m", "nsa_parallel.train", "--config", TINY, "--no-ray", f"data.path={prefix}",
+         "parallel.context_parallel_size=1", "launch.num_workers=1", "train.max_steps=2",
+         "train.checkpoint_interval=2", f"train.output_dir={out}"],
+        check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(3.0 < loss < 6.0 for loss in losses), losses  # ~log(64) at the start
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert (out / "data_cache").is_dir()  # GPTDataset's index cache
+    assert f"checkpoints:      {out / 'checkpoints'} (latest: step_00000002)" in run.stdout

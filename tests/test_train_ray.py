@@ -1,0 +1,109 @@
+"""nsa-train end to end on Ray with configs/tiny.yaml (2 CPU workers, gloo, context parallelism 2).
+
+The first run starts an embedded local Ray, as the README's command does, and has one worker
+killed mid-run: Ray Train restarts the group and training resumes from the last checkpoint.
+Then a job on a Ray cluster that this module starts (launch.address) fails while writing a
+checkpoint, and a second run resumes from the last complete one. Every resumed step must
+reproduce the first run's loss bit for bit. Slow: each run starts Ray workers that import
+torch and Megatron.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("megatron.core")
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+# A short run: checkpoints at steps 2, 4 and 6.
+SHORT = ["train.max_steps=6", "train.checkpoint_interval=2", "train.keep_checkpoints=3"]
+
+
+def _nsa_train() -> list[str]:
+    script = Path(sys.executable).parent / "nsa-train"
+    assert script.exists(), f"{script} is missing: install the package (pip install -e .) for the nsa-train command"
+    return [str(script)]
+
+
+def _run(out: Path, *overrides: str, crash: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "NSA_TRAIN_CRASH")}
+    if crash:
+        env["NSA_TRAIN_CRASH"] = crash
+    return subprocess.run([*_nsa_train(), "--config", TINY, *SHORT, f"train.output_dir={out}", *overrides],
+                          check=False, capture_output=True, text=True, timeout=420, env=env, cwd=out.parent)
+
+
+def _losses(out: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every line of metrics.jsonl, repeats after a restart included."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], row["loss"]) for row in rows]
+
+
+def _latest(out: Path) -> str:
+    return (out / "checkpoints" / "latest").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The README's command (no address: an embedded Ray), with rank 1 killed once after step 5."""
+    out = tmp_path_factory.mktemp("first") / "run"
+    return out, _run(out, crash="1:5:step")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A 2-CPU Ray cluster for the other runs to join (launch.address)."""
+    context = ray.init(address="local", num_cpus=2)
+    yield context.address_info["gcs_address"]
+    ray.shutdown()
+
+
+def test_tiny_trains_on_embedded_ray_and_survives_a_killed_worker(first_run):
+    out, run = first_run
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log
+    assert "starting a local Ray" in log
+    assert "NSA_TRAIN_CRASH: rank 1 exits at step 5" in log
+    # Ray Train restarted both workers; they resumed from the last checkpoint before the kill.
+    assert f"resuming from {out / 'checkpoints' / 'step_00000004'} (step 4)" in log
+    losses = _losses(out)
+    assert [step for step, _ in losses] == [1, 2, 3, 4, 5, 5, 6]  # step 5 before the kill, then again
+    assert losses[4][1] == losses[5][1]  # bit for bit
+    values = [loss for _, loss in losses]
+    assert all(math.isfinite(v) for v in values) and values[-1] < values[0] - 0.1, values
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".crashed"))  # the hook's
+    assert kept == ["latest", "step_00000002", "step_00000004", "step_00000006"]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert f"checkpoints:      {out / 'checkpoints'} (latest: step_00000006)" in run.stdout
+    assert f"TensorBoard logs: {out / 'tensorboard'}" in run.stdout
+
+
+def test_second_run_resumes_bit_for_bit_and_never_uses_an_interrupted_checkpoint(first_run, ray_cluster, tmp_path):
+    reference = dict(_losses(first_run[0]))  # steps 1-4 uninterrupted there
+    out = tmp_path / "run"
+    # Rank 1 dies after writing its shards of the step-4 checkpoint, before the checkpoint is complete;
+    # no restarts, so the job fails.
+    failed = _run(out, f"launch.address={ray_cluster}", "launch.max_failures=0", crash="1:4:checkpoint")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "training failed" in failed.stderr
+    assert _latest(out) == "step_00000002" and (out / "checkpoints" / ".tmp-step_00000004").is_dir()
+
+    second = _run(out, f"launch.address={ray_cluster}")
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log
+    assert "joining the Ray cluster" in log
+    assert "removing interrupted checkpoint" in log and ".tmp-step_00000004" in log
+    assert f"resuming from {out / 'checkpoints' / 'step_00000002'} (step 2)" in log
+    losses = _losses(out)
+    assert [step for step, _ in losses] == [1, 2, 3, 4, 3, 4, 5, 6]
+    assert all(reference[step] == loss for step, loss in losses)  # before and after resuming, bit for bit
+    assert _latest(out) == "step_00000006"
+    assert not list((out / "checkpoints").glob(".tmp-*"))
