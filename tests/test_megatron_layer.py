@@ -205,3 +205,11 @@ def test_unsupported_arguments_raise():
     interleaved = _build_attention(tiny_config(rotary_interleaved=True))
     with pytest.raises(NotImplementedError, match="rotary_interleaved"):
         interleaved(x, None, rotary_pos_emb=torch.zeros(40, 1, 1, 16))
+
+
+def test_paper_spec_module_for_megatron_lm():
+    """What ``pretrain_gpt.py --spec nsa_parallel.megatron.paper_spec layer_spec`` imports."""
+    import importlib
+    spec = vars(importlib.import_module("nsa_parallel.megatron.paper_spec"))["layer_spec"]
+    assert spec.submodules.self_attention.module is NSASelfAttention
+    assert spec.submodules.self_attention.params["nsa_config"] == NSAConfig()
