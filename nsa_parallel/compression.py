@@ -9,13 +9,6 @@ from torch import nn
 from .config import NSAConfig
 
 
-def unfold_blocks(x: torch.Tensor, block_size: int, stride: int) -> torch.Tensor:
-    """``[B, T, G, D] -> [B, Tc, G, block_size, D]``: block ``i`` is tokens ``[i*stride, i*stride + block_size)``."""
-    if x.shape[1] < block_size:
-        return x.new_zeros(x.shape[0], 0, x.shape[2], block_size, x.shape[3])
-    return x.unfold(1, block_size, stride).permute(0, 1, 2, 4, 3)
-
-
 class BlockCompressor(nn.Module):
     """Per-KV-head MLP over a flattened block with a learned intra-block position encoding.
 
@@ -45,8 +38,23 @@ class BlockCompressor(nn.Module):
         nn.init.zeros_(self.b2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [B, T, G, D]`` -> compressed tokens ``[B, Tc, G, D]``, ``Tc = (T - l)//d + 1`` (0 if ``T < l``)."""
-        blocks = unfold_blocks(x, self.block_size, self.stride) + self.position
-        flat = blocks.flatten(-2)  # [B, Tc, G, l*D]
-        hidden = nn.functional.gelu(torch.einsum("btgi,gih->btgh", flat, self.w1) + self.b1)
+        """``x [B, T, G, D]`` -> compressed tokens ``[B, Tc, G, D]``, ``Tc = (T - l)//d + 1`` (0 if ``T < l``).
+
+        Computes ``reference.compress_tokens`` without materialising the overlapping
+        blocks: a block is ``L = l/d`` consecutive segments of ``d`` tokens, so
+        ``W1 · flatten(block_i) = sum_m W1_m · segment_{i+m}``. One matmul over the
+        ``S = Tc + L - 1`` segments gives every ``W1_m · segment``, the shifted sum
+        assembles the blocks, and ``W1 · pos`` is one vector per head.
+        """
+        batch, seq_len, groups, dim = x.shape
+        l, d = self.block_size, self.stride
+        num_segments_per_block = l // d
+        num_blocks = (seq_len - l) // d + 1 if seq_len >= l else 0
+        num_segments = num_blocks + num_segments_per_block - 1 if num_blocks else 0
+        segments = x[:, :num_segments * d].reshape(batch, num_segments, d, groups, dim)
+        w1 = self.w1.view(groups, num_segments_per_block, d, dim, -1)
+        per_segment = torch.einsum("bsugk,gmukh->bsgmh", segments, w1)  # [B, S, G, L, h]
+        pre = sum(per_segment[:, m:m + num_blocks, :, m] for m in range(num_segments_per_block))
+        bias = torch.einsum("gi,gih->gh", self.position.flatten(1), self.w1) + self.b1
+        hidden = nn.functional.gelu(pre + bias)
         return torch.einsum("btgh,ghd->btgd", hidden, self.w2) + self.b2

@@ -57,6 +57,28 @@ def _positions(start: int, stop: int, device: torch.device) -> torch.Tensor:
 
 # --- 1.1 compression branch -------------------------------------------------
 
+def unfold_blocks(x: torch.Tensor, block_size: int, stride: int) -> torch.Tensor:
+    """``[B, T, G, D] -> [B, Tc, G, block_size, D]``: block ``i`` is tokens ``[i*stride, i*stride + block_size)``."""
+    if x.shape[1] < block_size:
+        return x.new_zeros(x.shape[0], 0, x.shape[2], block_size, x.shape[3])
+    return x.unfold(1, block_size, stride).permute(0, 1, 2, 4, 3)
+
+
+def compress_tokens(
+    x: torch.Tensor, position: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+    b2: torch.Tensor, config: NSAConfig,
+) -> torch.Tensor:
+    """``phi(block) = W2 · gelu(W1 · flatten(block + pos) + b1) + b2``, per KV head, one block at a time.
+
+    ``x [B, T, G, D]``, ``position [G, l, D]``, ``w1 [G, l*D, h]``, ``w2 [G, h, D']``;
+    returns ``[B, Tc, G, D']``.
+    """
+    blocks = unfold_blocks(x, config.compress_block_size, config.compress_stride) + position
+    flat = blocks.flatten(-2)  # [B, Tc, G, l*D]
+    hidden = torch.nn.functional.gelu(torch.einsum("btgi,gih->btgh", flat, w1) + b1)
+    return torch.einsum("btgh,ghd->btgd", hidden, w2) + b2
+
+
 def compressed_key_ends(num_compressed: int, config: NSAConfig, device: torch.device) -> torch.Tensor:
     """Last token of compression block ``i``: ``i*d + l - 1``."""
     i = torch.arange(num_compressed, device=device)

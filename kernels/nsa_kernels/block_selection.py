@@ -23,11 +23,14 @@ the scores are produced one selection-block tile at a time:
    into the next tile: each score is stored once, with no read-modify-write and no
    atomics, so results are bit-reproducible. On the GPU two programs share an SM,
    one's q.k dot running under the other's exponentials.
-2. ``_top_n_kernel``, one program per (rows, KV group, batch): a row of ``Ns``
-   scores, ineligible blocks at ``-inf``; forced blocks are taken first, then
-   rounds of max with the lowest index winning ties (the reference's stable
-   descending sort) fill the ``n`` slots; chosen ids are written ascending via a
-   cumulative sum of the chosen mask, the rest of the row padded with ``-1``.
+2. ``_top_n_kernel``, one program per (rows, KV group, batch): a row of scores,
+   ineligible blocks at ``-inf``; forced blocks are taken first, then rounds of max
+   fill the ``n`` slots. Score bits and the reversed block id form one int64 key, so
+   a round is a single max and the lowest id wins ties (the reference's stable
+   descending sort). Chosen ids are written ascending via a cumulative sum of the
+   chosen mask, the rest of the row padded with ``-1``. Rows are launched in runs by
+   causal width (rows that see at most 16, 32, 64, ... blocks), so early rows do not
+   pay for the whole ``Ns``.
 
 The float32 score buffer ``[B, G, T_chunk, Ns]`` is bounded by processing the
 queries in chunks (``SCORE_BUFFER_BYTES``).
@@ -47,6 +50,10 @@ _MAX_Q_TILE_BYTES = 64 * 2**10  # the stationary 16-bit q tile, in shared memory
 _MAX_Q_TILE_BYTES_FP32 = 8 * 2**10  # float32 (IEEE) dots run on the FMA units, q in registers
 _BLOCK_J = 16  # selection blocks per scoring tile: 64 keys a tile at l'/d = 4
 _MIN_DOT_SIZE = 16  # Hopper's smallest tl.dot M, N and K
+# Top-n programs: at most this many rows and (row, block) entries, one warp per 1024 entries.
+# benchmarks/tune_top_n.py (H200, T=64k): 1024 entries, 1-32 rows: 1.67 ms; 4096: 1.9-2.1 ms.
+TOP_N_ROWS = 8
+TOP_N_ELEMENTS = 1024
 _LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -197,7 +204,7 @@ def _group_scores_kernel(
 @triton.jit
 def _top_n_kernel(
     s_ptr, out_ptr,
-    t_begin, t_end, query_offset, num_blocks,
+    t_begin, t_first, t_end, query_offset, num_blocks,
     stride_sb, stride_sg, stride_st,
     stride_ob, stride_ot, stride_og,
     SEL_SIZE: tl.constexpr,
@@ -208,29 +215,36 @@ def _top_n_kernel(
 ):
     g = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    offs_t = t_begin + tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    # Rows t_first .. t_end of the chunk whose scores start at row t_begin.
+    offs_t = t_first + tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     t_valid = offs_t < t_end
     offs_j = tl.arange(0, BLOCK_NS)
     own_block = ((offs_t + query_offset) // SEL_SIZE)[:, None]
     # j*l' <= p, i.e. j <= p // l' (p = query_offset + t, the row's position); only these
-    # entries were written by the scoring kernel.
+    # entries were written by the scoring kernel. The launch makes BLOCK_NS cover them.
     eligible = t_valid[:, None] & (offs_j[None, :] <= own_block) & (offs_j[None, :] < num_blocks)
     s_rows = s_ptr + b * stride_sb + g * stride_sg + (offs_t - t_begin)[:, None].to(tl.int64) * stride_st
-    key = tl.load(s_rows + offs_j[None, :], mask=eligible, other=float("-inf"))
+    score = tl.load(s_rows + offs_j[None, :], mask=eligible, other=float("-inf"))
     forced = (offs_j[None, :] == 0) | (offs_j[None, :] == own_block) | (offs_j[None, :] == own_block - 1)
 
-    # Scores are >= 0, so -inf marks exactly the ineligible and the already chosen.
+    # One int64 key orders by score, then by lowest id (the reference's stable descending
+    # sort): scores are >= 0, whose float bits order as integers, and -inf's bits are
+    # negative. Each round is then a single max. CHOSEN is below every key.
+    CHOSEN: tl.constexpr = -(2**63)
+    key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BLOCK_NS - 1 - offs_j[None, :]).to(tl.int64)
     # With n >= 3 every forced block is chosen (a row has three, or no other eligible
     # block), leaving n - 3 rounds; fewer slots go to the lowest forced ids (+inf ties).
     NUM_FORCED: tl.constexpr = 3 if NUM_SELECTED >= 3 else 0
-    key = tl.where(eligible & forced, float("-inf") if NUM_FORCED else float("inf"), key)
+    if NUM_FORCED:
+        key = tl.where(eligible & forced, CHOSEN, key)
+    else:
+        key = tl.where(eligible & forced, (0x7F800000 << 32) | (BLOCK_NS - 1 - offs_j[None, :]).to(tl.int64), key)
     for _ in range(NUM_SELECTED - NUM_FORCED):
-        # The lowest id among the maxima, as the reference's stable sort; on an
-        # exhausted row it names an entry already at -inf, so nothing changes.
+        # Keys are distinct, so the maximum names one entry; on an exhausted row it is
+        # an ineligible one, which the final mask drops.
         best = tl.max(key, axis=1)
-        best_j = tl.min(tl.where(key == best[:, None], offs_j[None, :], BLOCK_NS), axis=1)
-        key = tl.where(offs_j[None, :] == best_j[:, None], float("-inf"), key)
-    chosen = eligible & (key == float("-inf"))
+        key = tl.where(key == best[:, None], CHOSEN, key)
+    chosen = eligible & (key == CHOSEN)
 
     out_rows = out_ptr + b * stride_ob + offs_t[:, None].to(tl.int64) * stride_ot + g * stride_og
     position = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
@@ -239,6 +253,27 @@ def _top_n_kernel(
     offs_n = tl.arange(0, BLOCK_N)[None, :]
     padding = t_valid[:, None] & (offs_n >= count[:, None]) & (offs_n < NUM_SELECTED)
     tl.store(out_rows + offs_n, tl.full([BLOCK_R, BLOCK_N], -1, tl.int32), mask=padding)
+
+
+def _top_n(scores: torch.Tensor, out: torch.Tensor, t_begin: int, t_end: int, query_offset: int, num_blocks: int,
+           ls: int, n: int) -> None:
+    """Launches ``_top_n_kernel`` over rows ``t_begin .. t_end``, in runs of rows that see
+    at most 16, 32, 64, ... blocks, so that a row's width follows its causal prefix."""
+    t = t_begin
+    while t < t_end:
+        width = max(16, triton.next_power_of_2((query_offset + t) // ls + 1))
+        run_end = min(t_end, width * ls - query_offset)  # rows whose own block is < width
+        rows = max(1, min(TOP_N_ROWS, TOP_N_ELEMENTS // width))
+        _top_n_kernel[(triton.cdiv(run_end - t, rows), scores.shape[1], scores.shape[0])](
+            scores, out,
+            t_begin, t, run_end, query_offset, num_blocks,
+            scores.stride(0), scores.stride(1), scores.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            SEL_SIZE=ls, NUM_SELECTED=n,
+            BLOCK_R=rows, BLOCK_NS=width, BLOCK_N=triton.next_power_of_2(n),
+            num_warps=min(16, max(1, rows * width // 1024)),
+        )
+        t = run_end
 
 
 def _row_digits(block_h: int, block_t: int, num_warps: int) -> dict:
@@ -343,8 +378,6 @@ def select_blocks(
     scores = alloc(batch, num_groups, chunk, num_blocks, dtype=torch.float32, device=q.device)
 
     block_t, meta = _scoring_meta(q.dtype, head_dim, num_heads // num_groups, l, d, ls)
-    block_ns = max(16, triton.next_power_of_2(num_blocks))
-    block_r = max(1, min(32, 4096 // block_ns))
     for t_begin in range(0, seq_len, chunk):
         t_end = min(seq_len, t_begin + chunk)
         if num_cmp:
@@ -358,13 +391,5 @@ def select_blocks(
                 scale * _LOG2E.value,
                 **meta,
             )
-        _top_n_kernel[(triton.cdiv(t_end - t_begin, block_r), num_groups, batch)](
-            scores, out,
-            t_begin, t_end, query_offset, num_blocks,
-            scores.stride(0), scores.stride(1), scores.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            SEL_SIZE=ls, NUM_SELECTED=n,
-            BLOCK_R=block_r, BLOCK_NS=block_ns, BLOCK_N=triton.next_power_of_2(n),
-            num_warps=min(16, max(4, block_r * block_ns // 1024)),
-        )
+        _top_n(scores, out, t_begin, t_end, query_offset, num_blocks, ls, n)
     return out

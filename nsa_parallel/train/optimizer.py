@@ -135,11 +135,35 @@ class MegatronAdamW:
         _, grad_norm, _ = self.optimizer.step()
         return float(grad_norm or 0.0)
 
+    def _torch_adam_states(self) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+        """(fp32 main-weight shard, its state) of the torch Adams inside Megatron's optimizer; none with fused Adams.
+
+        Without Apex or Transformer Engine, megatron-core (0.16-0.19) wraps torch's Adam and
+        mishandles its per-parameter ``step`` tensor when loading; the methods below repair it.
+        """
+        states = []
+        for inner in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            adam = inner.optimizer
+            if isinstance(adam, torch.optim.Adam | torch.optim.AdamW):
+                states += [(p, adam.state[p]) for group in adam.param_groups for p in group["params"]]
+        return states
+
     def sharded_state_dict(self, model_state: ShardedStateDict, is_loading: bool = False) -> dict[str, Any]:
+        if is_loading:
+            # Megatron's load template asserts that all states hold one step, and a fresh optimizer
+            # has no state at all: zero moments and step 0, as LocalAdamW does.
+            for param, state in self._torch_adam_states():
+                if not state:
+                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
+                                 exp_avg_sq=torch.zeros_like(param))
         return self.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=DIST_CKPT_METADATA)
 
     def load_state_dict(self, state: dict[str, Any], step: int) -> None:
         self.optimizer.load_state_dict(state)
+        # Megatron copies each state's step from the load template (0) and gives all
+        # parameters one shared tensor, which torch's Adam would increment once per parameter.
+        for _, adam_state in self._torch_adam_states():
+            adam_state["step"] = torch.tensor(float(step))
 
 
 def build_optimizer(model: GPTModel, train: TrainSection, device: torch.device) -> LocalAdamW | MegatronAdamW:
