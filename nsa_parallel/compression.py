@@ -56,5 +56,7 @@ class BlockCompressor(nn.Module):
         per_segment = torch.einsum("bsugk,gmukh->bsgmh", segments, w1)  # [B, S, G, L, h]
         pre = sum(per_segment[:, m:m + num_blocks, :, m] for m in range(num_segments_per_block))
         bias = torch.einsum("gi,gih->gh", self.position.flatten(1), self.w1) + self.b1
-        hidden = nn.functional.gelu(pre + bias)
-        return torch.einsum("btgh,ghd->btgd", hidden, self.w2) + self.b2
+        # Biases take the matmuls' dtype, as in nn.Linear under autocast.
+        hidden = nn.functional.gelu(pre + bias.to(pre.dtype))
+        out = torch.einsum("btgh,ghd->btgd", hidden, self.w2)
+        return out + self.b2.to(out.dtype)

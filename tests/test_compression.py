@@ -32,3 +32,11 @@ def test_matches_reference_forward_and_gradients(l, d, seq_len, groups, dim, hid
     want = torch.autograd.grad(ref, params, grad, materialize_grads=True)
     for name, a, b in zip(("x", "position", "w1", "b1", "w2", "b2"), got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_autocast_output_takes_the_matmul_dtype():
+    """Under autocast the layer's queries come out of bf16 matmuls; the compressed keys must match them."""
+    phi = BlockCompressor(2, 32, NSAConfig())
+    x = torch.randn(1, 100, 2, 32, dtype=torch.bfloat16)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert phi(x).dtype == torch.bfloat16
