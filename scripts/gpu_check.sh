@@ -10,5 +10,8 @@ fi
 export PYTHONPATH=$PWD:$PWD/kernels:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
-timeout "$tests_s" python3 -m pytest -q -ra -p no:cacheprovider -n 6 tests 2>&1 | tee "$OUT/pytest.log" | grep -E "passed|failed|FAILED|Error|error" | tail -40
+# -v names every test as it finishes, so $OUT/pytest.log shows the failures even if the timeout
+# cuts the run before pytest's summary.
+timeout "$tests_s" python3 -m pytest -v -ra --tb=short -p no:cacheprovider -n 8 tests > "$OUT/pytest.log" 2>&1
+grep -E "FAILED|ERROR|[0-9]+ passed|[0-9]+ failed" "$OUT/pytest.log" | tail -40
 timeout "$bench_s" python3 benchmarks/bench_attention.py --components --json "$OUT/bench.json" --plot "$OUT/bench.png" "$@" 2>&1 | tee "$OUT/bench.md"
