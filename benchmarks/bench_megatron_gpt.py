@@ -92,6 +92,16 @@ def patched(module: ModuleType, name: str, wrap: Callable[[Callable], Callable])
         setattr(module, name, original)
 
 
+def recording(sink: list) -> Callable[[Callable], Callable]:
+    """A ``patched`` wrapper that appends every result of the wrapped function to ``sink``."""
+    def wrap(fn: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            sink.append(fn(*args, **kwargs))
+            return sink[-1]
+        return wrapper
+    return wrap
+
+
 def forward_backward(model: GPTModel, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Logits and parameter gradients of the mean next-token cross-entropy."""
     model.zero_grad(set_to_none=True)
@@ -126,14 +136,8 @@ def accuracy(args: argparse.Namespace, nsa: NSAConfig) -> list[dict]:
     low, high = model_pair(lambda backend: get_gpt_layer_nsa_spec(nsa, backend=backend), args)
     selected: list[torch.Tensor] = []
 
-    def record(select: Callable) -> Callable:
-        def wrapper(*a, **kw):
-            selected.append(select(*a, **kw))
-            return selected[-1]
-        return wrapper
-
     # ops.nsa_attention (Triton) and reference.nsa_attention look select_blocks up in their modules.
-    with patched(ops, "select_blocks", record):
+    with patched(ops, "select_blocks", recording(selected)):
         bf16 = forward_backward(low, tokens)
     replay = iter(selected)
     with patched(reference, "select_blocks", lambda _: lambda *a, **kw: next(replay)):
