@@ -1,4 +1,5 @@
 """nsa-train's data side: zigzag context-parallel slicing, the retrieval task, micro-batches, the lr schedule."""
+import inspect
 from itertools import pairwise
 from pathlib import Path
 
@@ -34,10 +35,16 @@ def test_zigzag_matches_megatron_get_batch_on_this_cp_rank(cp, monkeypatch):
     from megatron.core import parallel_state
 
     x = torch.randn(2, 32, 3)
+    get_batch = megatron_utils.get_batch_on_this_cp_rank
+    # megatron-core 0.16 asks parallel_state for the CP size and rank; 0.19 takes is_hybrid_cp and
+    # asks torch.distributed about its cp_group (None here): answer both.
+    extra = {"is_hybrid_cp": False} if "is_hybrid_cp" in inspect.signature(get_batch).parameters else {}
     monkeypatch.setattr(parallel_state, "get_context_parallel_world_size", lambda: cp)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: cp)
     for rank in range(cp):
         monkeypatch.setattr(parallel_state, "get_context_parallel_rank", lambda rank=rank: rank)
-        expected = megatron_utils.get_batch_on_this_cp_rank({"tokens": x.clone()})["tokens"]
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None, rank=rank: rank)
+        expected = get_batch({"tokens": x.clone()}, **extra)["tokens"]
         assert torch.equal(zigzag_slice(x, cp, rank), expected)
 
 
