@@ -170,6 +170,15 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
+def _chunk_positions(query_ptr, start, end, r0, offs_r, heads_per_group, query_offset, HPG_P: tl.constexpr):
+    """Query positions of the flat rows ``r0 + offs_r`` of a dK/dV chunk (``query_offset`` where masked)."""
+    r = r0 + offs_r
+    qi = start + r // HPG_P
+    r_ok = (qi < end) & (r % HPG_P < heads_per_group)
+    return tl.load(query_ptr + qi, mask=r_ok, other=query_offset).to(tl.int64)
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, query_ptr, chunk_ptr, dk_ptr, dv_ptr,
     T, S, query_offset, H, G, heads_per_group, num_blocks, scale,
@@ -208,13 +217,17 @@ def _bwd_dkdv_kernel(
     b_t = b * T - query_offset
     stat_lse = lse_ptr - query_offset
     stat_delta = delta_ptr - query_offset
-    # Flat (query of the chunk, head of the group) rows, ROWS at a time.
+    # Flat (query of the chunk, head of the group) rows, ROWS at a time. Each step's query
+    # positions are loaded one step ahead (a small int vector), so its Q/dO gathers do not
+    # wait on a dependent global load.
+    pos_next = _chunk_positions(query_ptr, start, end, 0, offs_r, heads_per_group, query_offset, HPG_P)
     for r0 in range(0, (end - start) * HPG_P, ROWS):
         r = r0 + offs_r
         qi = start + r // HPG_P
         h = r % HPG_P
         r_ok = (qi < end) & (h < heads_per_group)
-        pos = tl.load(query_ptr + qi, mask=r_ok, other=query_offset).to(tl.int64)
+        pos = pos_next
+        pos_next = _chunk_positions(query_ptr, start, end, r0 + ROWS, offs_r, heads_per_group, query_offset, HPG_P)
         head = g * heads_per_group + h
         row = (b_t + pos) * H + head
         q = tl.load(q_ptr + row[:, None] * DK + offs_dk[None, :],
