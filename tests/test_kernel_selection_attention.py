@@ -73,6 +73,30 @@ def test_random_selection(case, dtype):
     run_case(*CASES[case], dtype)
 
 
+SIXTEEN_BIT = [d for d in KERNEL_DTYPES if d != torch.float32]
+
+
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT, ids=str)
+@pytest.mark.parametrize("case", ["partial_last_block", "batch2_group1", "group4_dk64_dv128", "block64"])
+def test_gather_tiles(monkeypatch, case, dtype):
+    """16-bit inputs with power-of-two dims take TMA tiles where they can; the gather path they
+    fall back to (older GPUs, unaligned tensors) must stay right too."""
+    monkeypatch.setattr(sa, "TMA_ENABLED", False)
+    run_case(*CASES[case], dtype)
+
+
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT, ids=str)
+def test_tma_tiles_are_used(dtype):
+    """The fast path is not silently skipped: TMA descriptors for 16-bit, power-of-two dims."""
+    k = torch.zeros(2, 72, 2, 64, dtype=dtype, device=DEVICE)
+    v = torch.zeros(2, 72, 2, 128, dtype=dtype, device=DEVICE)
+    if DEVICE.type == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs sm_90 or newer")
+    assert sa._kv_descriptors(k, v, 32) is not None
+    assert sa._kv_descriptors(k.float(), v.float(), 32) is None
+    assert sa._kv_descriptors(torch.zeros(1, 8, 1, 192, dtype=dtype, device=DEVICE), v[:1, :8, :1], 32) is None
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 def test_empty_rows_give_zero(dtype):
     """Rows selecting nothing (all -1) give 0 output and no NaN anywhere."""
