@@ -89,6 +89,18 @@ def _kv_tile(ptr, desc, b, S, G, g, j, kpos, kv_ok, offs_d, D: tl.constexpr, BLO
 
 
 @triton.jit
+def _program_rows(T, H, heads_per_group, head_chunks, BLOCK_H: tl.constexpr):
+    """This query-outer program's position ``t``, group ``g``, batch ``b`` and its head rows:
+    ``h_ok`` (real heads), ``head`` (global head ids) and ``row`` (flat ``[B, T, H]`` rows)."""
+    t = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1) // head_chunks
+    b = tl.program_id(2).to(tl.int64)
+    h = (tl.program_id(1) % head_chunks) * BLOCK_H + tl.arange(0, BLOCK_H)
+    head = g * heads_per_group + h
+    return t, g, b, h < heads_per_group, head, (b * T + t) * H + head
+
+
+@triton.jit
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, k_desc, v_desc, idx_ptr, o_ptr, lse_ptr,
     T, S, query_offset, H, G, heads_per_group, head_chunks, num_selected, scale,
@@ -96,16 +108,9 @@ def _fwd_kernel(
     DK: tl.constexpr, DV: tl.constexpr, DK_P: tl.constexpr, DV_P: tl.constexpr,
     PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1) // head_chunks
-    b = tl.program_id(2).to(tl.int64)
-
-    h = (tl.program_id(1) % head_chunks) * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_ok = h < heads_per_group
-    head = g * heads_per_group + h
+    t, g, b, h_ok, head, row = _program_rows(T, H, heads_per_group, head_chunks, BLOCK_H)
     offs_dk = tl.arange(0, DK_P)
     offs_dv = tl.arange(0, DV_P)
-    row = (b * T + t) * H + head
     q = tl.load(q_ptr + row[:, None] * DK + offs_dk[None, :],
                 mask=h_ok[:, None] & (offs_dk < DK)[None, :], other=0.0)
 
@@ -150,16 +155,9 @@ def _bwd_dq_kernel(
     DK: tl.constexpr, DV: tl.constexpr, DK_P: tl.constexpr, DV_P: tl.constexpr,
     PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1) // head_chunks
-    b = tl.program_id(2).to(tl.int64)
-
-    h = (tl.program_id(1) % head_chunks) * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_ok = h < heads_per_group
-    head = g * heads_per_group + h
+    t, g, b, h_ok, head, row = _program_rows(T, H, heads_per_group, head_chunks, BLOCK_H)
     offs_dk = tl.arange(0, DK_P)
     offs_dv = tl.arange(0, DV_P)
-    row = (b * T + t) * H + head
     q_mask = h_ok[:, None] & (offs_dk < DK)[None, :]
     v_mask = h_ok[:, None] & (offs_dv < DV)[None, :]
     q = tl.load(q_ptr + row[:, None] * DK + offs_dk[None, :], mask=q_mask, other=0.0)
