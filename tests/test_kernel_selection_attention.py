@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import nsa_kernels.selection_attention as sa
+import nsa_kernels.tma as tma
 from nsa_parallel import NSAConfig, ops, reference
 
 from conftest import DEVICE, KERNEL_DTYPES, check_forward_backward
@@ -81,7 +82,7 @@ SIXTEEN_BIT = [d for d in KERNEL_DTYPES if d != torch.float32]
 def test_gather_tiles(monkeypatch, case, dtype):
     """16-bit inputs with power-of-two dims take TMA tiles where they can; the gather path they
     fall back to (older GPUs, unaligned tensors) must stay right too."""
-    monkeypatch.setattr(sa, "TMA_ENABLED", False)
+    monkeypatch.setattr(tma, "ENABLED", False)
     run_case(*CASES[case], dtype)
 
 

@@ -53,7 +53,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
+
+from . import tma
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -71,7 +72,6 @@ DQ_LAUNCH = {"num_warps": 4, "num_stages": 2}
 FWD_LAUNCH_TMA = {"num_warps": 2, "num_stages": 2}
 DQ_LAUNCH_TMA = {"num_warps": 2, "num_stages": 2}
 DKDV_LAUNCH = {"num_warps": 4, "num_stages": 2}
-TMA_ENABLED = True  # tests switch it off to cover the gather path on 16-bit inputs
 DKDV_ROWS = 64  # gathered (query, head) rows per dK/dV step; halved for wide heads and float32
 
 
@@ -274,20 +274,11 @@ def _pow2(x: int, minimum: int = 16) -> int:
 
 
 def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_size: int) -> tuple | None:
-    """TMA descriptors of K and V as ``[B*S, G*d]`` with one selected block per copy, or None
-    where TMA does not apply (see the module docstring). ``TMA_ENABLED`` turns it off."""
-    if not TMA_ENABLED or k.element_size() != 2:
+    """TMA descriptors of K and V with one selected block per copy, or None where TMA does not
+    apply (``nsa_kernels.tma``)."""
+    if block_size > tma.MAX_BOX or not tma.applies(k, v):
         return None
-    if k.is_cuda and torch.cuda.get_device_capability(k.device) < (9, 0):
-        return None
-    dk, dv = k.shape[-1], v.shape[-1]
-    if dk != _pow2(dk) or dv != _pow2(dv) or max(dk, dv, block_size) > 256:
-        return None
-    if k.data_ptr() % 16 or v.data_ptr() % 16:
-        return None
-    rows = k.shape[0] * k.shape[1]
-    return (TensorDescriptor.from_tensor(k.view(rows, -1), [block_size, dk]),
-            TensorDescriptor.from_tensor(v.view(rows, -1), [block_size, dv]))
+    return tma.row_tiles(k, block_size), tma.row_tiles(v, block_size)
 
 
 def _reverse_index(
