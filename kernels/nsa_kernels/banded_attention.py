@@ -154,6 +154,12 @@ def _query_tile(T, H, HEADS: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(stride_b, stride_t, stride_h, b, m0, h0, t, dh):
+    """Offsets of row ``r`` (position ``t[r]``, head ``h0 + dh[r]``) in a ``[B, T, H, d]`` tensor (q, o, dO)."""
+    return b * stride_b + h0 * stride_h + m0.to(tl.int64) * stride_t + ((t - m0) * stride_t + dh * stride_h)
+
+
+@triton.jit
 def _key_tiles(m0, T, S, key_stride, key_offset, window, QUERIES: tl.constexpr, BLOCK_N: tl.constexpr):
     """``lo`` and ``_tile_ranges`` of the keys seen by positions ``[m0, m0 + QUERIES)``."""
     t_max = tl.minimum(m0 + QUERIES, T) - 1
@@ -184,11 +190,8 @@ def _fwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = t < T
 
-    q_base = Q + b * stride_qb + h0 * stride_qh + m0.to(tl.int64) * stride_qt
-    q = tl.load(
-        q_base + ((t - m0) * stride_qt + dh * stride_qh)[:, None] + offs_dk[None, :],
-        mask=row_ok[:, None] & (offs_dk < HEAD_DK)[None, :], other=0.0,
-    )
+    q_rows = Q + _tile_rows(stride_qb, stride_qt, stride_qh, b, m0, h0, t, dh)
+    q = tl.load(q_rows[:, None] + offs_dk[None, :], mask=row_ok[:, None] & (offs_dk < HEAD_DK)[None, :], other=0.0)
     k_base = K + b * stride_kb + g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
 
@@ -212,11 +215,9 @@ def _fwd_kernel(
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * _LN2, float("-inf"))
-    o_base = O + b * stride_ob + h0 * stride_oh + m0.to(tl.int64) * stride_ot
-    tl.store(
-        o_base + ((t - m0) * stride_ot + dh * stride_oh)[:, None] + offs_dv[None, :], o.to(O.dtype.element_ty),
-        mask=row_ok[:, None] & (offs_dv < HEAD_DV)[None, :],
-    )
+    o_rows = O + _tile_rows(stride_ob, stride_ot, stride_oh, b, m0, h0, t, dh)
+    tl.store(o_rows[:, None] + offs_dv[None, :], o.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv < HEAD_DV)[None, :])
     tl.store(LSE + (b * H + h0) * T + dh.to(tl.int64) * T + t, lse, mask=row_ok)
 
 
@@ -285,16 +286,11 @@ def _dq_kernel(
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = t < T
-    q_offs = ((t - m0) * stride_qt + dh * stride_qh)[:, None] + offs_dk[None, :]
+    q_offs = _tile_rows(stride_qb, stride_qt, stride_qh, b, m0, h0, t, dh)[:, None] + offs_dk[None, :]
     q_mask = row_ok[:, None] & (offs_dk < HEAD_DK)[None, :]
-
-    q_base = Q + b * stride_qb + h0 * stride_qh + m0.to(tl.int64) * stride_qt
-    q = tl.load(q_base + q_offs, mask=q_mask, other=0.0)
-    do_base = DO + b * stride_ob + h0 * stride_oh + m0.to(tl.int64) * stride_ot
-    do = tl.load(
-        do_base + ((t - m0) * stride_ot + dh * stride_oh)[:, None] + offs_dv[None, :],
-        mask=row_ok[:, None] & (offs_dv < HEAD_DV)[None, :], other=0.0,
-    )
+    q = tl.load(Q + q_offs, mask=q_mask, other=0.0)
+    do_rows = DO + _tile_rows(stride_ob, stride_ot, stride_oh, b, m0, h0, t, dh)
+    do = tl.load(do_rows[:, None] + offs_dv[None, :], mask=row_ok[:, None] & (offs_dv < HEAD_DV)[None, :], other=0.0)
     lse2, delta = _load_row_stats(LSE, DELTA, (b * H + h0) * T + dh.to(tl.int64) * T + t, row_ok)
     k_base = K + b * stride_kb + g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
@@ -314,8 +310,7 @@ def _dq_kernel(
             stride_kt, stride_vt, key_stride, key_offset, window, qk_scale,
             HEAD_DK, HEAD_DV, BLOCK_N, BLOCK_DK, BLOCK_DV, True, PRECISION, TMA)
 
-    dq_base = DQ + b * stride_qb + h0 * stride_qh + m0.to(tl.int64) * stride_qt
-    tl.store(dq_base + q_offs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(DQ + q_offs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
