@@ -43,8 +43,8 @@ block, including keys after the query inside its own block; those are masked in 
 keys of the same tensor: finite). Otherwise (float32, dk = 192, older GPUs) the tiles are masked
 gathers.
 
-Tiles and warps were chosen so the sm_90 build (16-bit inputs, d <= 128) does
-not spill registers; they are not tuned on hardware. float32 inputs use IEEE
+Tiles were chosen so the sm_90 build (16-bit inputs, d <= 128) does not spill
+registers; warps and stages come from ``benchmarks/tune_selection.py`` (H200). float32 inputs use IEEE
 dots (no tensor cores): a correctness path, not a fast one. Offsets are int64
 so long sequences do not overflow.
 """
