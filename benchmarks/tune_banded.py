@@ -42,8 +42,8 @@ def main() -> None:
 
         for kernel, options in CANDIDATES.items():
             for m, n, warps, stages in options:
-                def tiles(name, dtype, block_d, _k=kernel, _t=ba._Tiles(m, n, warps, stages, pack=2)):
-                    return _t if name == _k else default_tiles(name, dtype, block_d)
+                def tiles(name, dtype, block_d, by_tma=False, _k=kernel, _t=ba._Tiles(m, n, warps, stages, pack=2)):
+                    return _t if name == _k else default_tiles(name, dtype, block_d, by_tma)
 
                 ba._gpu_tiles = tiles
                 ba._dkdv_splits.cache_clear()

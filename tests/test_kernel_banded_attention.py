@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import DEVICE, KERNEL_DTYPES, assert_close, check_forward_backward
 
+import nsa_kernels.tma as tma
 from nsa_kernels.banded_attention import banded_attention
 from nsa_parallel import ops, reference
 from nsa_parallel.config import NSAConfig
@@ -141,6 +142,15 @@ def test_no_compressed_token_gives_zeros(dtype: torch.dtype) -> None:
     assert (o == 0).all() and torch.isneginf(lse).all()
     for leaf in leaves:
         assert leaf.grad.shape == leaf.shape and (leaf.grad == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [d for d in KERNEL_DTYPES if d != torch.float32], ids=str)
+@pytest.mark.parametrize("name", ["compressed-group2", "window-B2-group1-dk64-dv128", "stride2-offset3-dk128-dv64"])
+def test_gather_tiles(name: str, dtype: torch.dtype, monkeypatch) -> None:
+    """16-bit inputs with power-of-two dims stream their tiles by TMA where they can; the gather
+    path they fall back to (older GPUs, unaligned tensors) must stay right too."""
+    monkeypatch.setattr(tma, "ENABLED", False)
+    _check(CASES[name], dtype)
 
 
 @pytest.mark.parametrize(

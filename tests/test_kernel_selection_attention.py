@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import nsa_kernels.selection_attention as sa
+import nsa_kernels.tma as tma
 from nsa_parallel import NSAConfig, ops, reference
 
 from conftest import DEVICE, KERNEL_DTYPES, check_forward_backward
@@ -60,6 +61,7 @@ CASES = {
     "batch2_group1": (2, 40, 2, 2, 64, 64, 16, 3),
     "group4_dk64_dv128": (1, 50, 4, 1, 64, 128, 16, 3),
     "group16": (1, 40, 16, 1, 64, 64, 16, 3),
+    "batch2_group16_block32": (2, 70, 32, 2, 64, 64, 32, 3),
     "group48_two_head_chunks": (1, 30, 48, 1, 64, 64, 16, 2),
     "dk192_dv128": (1, 40, 2, 1, 192, 128, 16, 3),
     "dk192_block64": (1, 80, 2, 2, 192, 192, 64, 2),
@@ -77,11 +79,12 @@ SIXTEEN_BIT = [d for d in KERNEL_DTYPES if d != torch.float32]
 
 
 @pytest.mark.parametrize("dtype", SIXTEEN_BIT, ids=str)
-@pytest.mark.parametrize("case", ["partial_last_block", "batch2_group1", "group4_dk64_dv128", "block64"])
+@pytest.mark.parametrize("case", ["partial_last_block", "batch2_group1", "group4_dk64_dv128", "block64",
+                                  "batch2_group16_block32"])
 def test_gather_tiles(monkeypatch, case, dtype):
     """16-bit inputs with power-of-two dims take TMA tiles where they can; the gather path they
     fall back to (older GPUs, unaligned tensors) must stay right too."""
-    monkeypatch.setattr(sa, "TMA_ENABLED", False)
+    monkeypatch.setattr(tma, "ENABLED", False)
     run_case(*CASES[case], dtype)
 
 
@@ -180,6 +183,8 @@ OFFSET_CASES = {
     "offset37_dk192_dv128": (1, 20, 2, 1, 192, 128, 16, 3, 37),
     "offset37_block64_dk192_dv192": (1, 20, 2, 2, 192, 192, 64, 2, 37),
     "offset37_batch2_group1": (2, 20, 2, 2, 64, 64, 16, 3, 37),
+    # 16 heads a group: dK/dV take each query's heads as one box (TMA on 16-bit inputs)
+    "offset37_batch2_group16_dk64_dv128": (2, 24, 32, 2, 64, 128, 16, 3, 37),
 }
 
 
