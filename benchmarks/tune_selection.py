@@ -53,14 +53,6 @@ def main() -> None:
         dq_launch.update(num_warps=warps, num_stages=stages)
         print(f"bwd dq warps {warps} stages {stages}: {time_it(bwd):.2f} ms", flush=True)
     dq_launch.update(default[1])
-    if tma:  # 16 heads a group: dK/dV take Q/dO by TMA, one query position a step (no row count)
-        for warps, stages in itertools.product((2, 4, 8), (2, 3, 4)):
-            sa.DKDV_LAUNCH_TMA.update(num_warps=warps, num_stages=stages)
-            try:
-                print(f"bwd dkdv (TMA) warps {warps} stages {stages}: {time_it(bwd):.2f} ms", flush=True)
-            except triton.runtime.errors.OutOfResources as err:
-                print(f"bwd dkdv (TMA) warps {warps} stages {stages}: {err}", flush=True)
-        return
     for warps, stages, rows in itertools.product((4,), (2, 3), (64, 128)):
         sa.DKDV_LAUNCH.update(num_warps=warps, num_stages=stages)
         sa.DKDV_ROWS = rows
