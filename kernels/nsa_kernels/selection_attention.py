@@ -72,7 +72,6 @@ DQ_LAUNCH = {"num_warps": 4, "num_stages": 2}
 FWD_LAUNCH_TMA = {"num_warps": 2, "num_stages": 2}
 DQ_LAUNCH_TMA = {"num_warps": 2, "num_stages": 2}
 DKDV_LAUNCH = {"num_warps": 4, "num_stages": 2}
-DKDV_LAUNCH_TMA = {"num_warps": 4, "num_stages": 2}  # not tuned yet
 DKDV_ROWS = 64  # gathered (query, head) rows per dK/dV step; halved for wide heads and float32
 
 
@@ -199,13 +198,38 @@ def _chunk_positions(query_ptr, start, end, r0, offs_r, heads_per_group, query_o
 
 
 @triton.jit
-def _dkdv_by_rows(dk, dv, k, v, kpos, q_ptr, do_ptr, lse_ptr, delta_ptr, query_ptr, start, end, b, g, T, H,
-                  heads_per_group, query_offset, qk_scale, ROWS: tl.constexpr, HPG_P: tl.constexpr,
-                  DK: tl.constexpr, DV: tl.constexpr, DK_P: tl.constexpr, DV_P: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    """dK/dV steps of ``ROWS`` gathered (query, head) rows each: any group size fills the dot."""
+def _bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, query_ptr, chunk_ptr, dk_ptr, dv_ptr,
+    T, S, query_offset, H, G, heads_per_group, num_blocks, scale,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HPG_P: tl.constexpr, ROWS: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, DK_P: tl.constexpr, DV_P: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # chunk table row: (segment = (b*G + g)*num_blocks + j, start, end) into query_ptr.
+    chunk = chunk_ptr + tl.program_id(0) * 3
+    start = tl.load(chunk + 1)
+    end = tl.load(chunk + 2)
+    if start >= end:  # the grid is an upper bound on the number of chunks
+        return
+    segment = tl.load(chunk)
+    b = (segment // (G * num_blocks)).to(tl.int64)
+    g = (segment // num_blocks) % G
+    j = (segment % num_blocks).to(tl.int64)
+
     offs_dk = tl.arange(0, DK_P)
     offs_dv = tl.arange(0, DV_P)
+    # Wide heads split the block's keys over grid axis 1 (BLOCK_N < BLOCK_SIZE) to fit registers.
+    kpos = j * BLOCK_SIZE + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = kpos < S  # the last block may be partial
+    kv_row = (b * S + kpos) * G + g
+    dk_mask = k_ok[:, None] & (offs_dk < DK)[None, :]
+    dv_mask = k_ok[:, None] & (offs_dv < DV)[None, :]
+    k = tl.load(k_ptr + kv_row[:, None] * DK + offs_dk[None, :], mask=dk_mask, other=0.0)
+    v = tl.load(v_ptr + kv_row[:, None] * DV + offs_dv[None, :], mask=dv_mask, other=0.0)
+
+    dk = tl.full([BLOCK_N, DK_P], 0.0, tl.float32)
+    dv = tl.full([BLOCK_N, DV_P], 0.0, tl.float32)
+    qk_scale = scale * LOG2E
     offs_r = tl.arange(0, ROWS)
     # The lists hold query positions pos = query_offset + t; the offset is folded into the
     # row bases (scalars, outside the loop) so that t = pos - query_offset costs nothing per row.
@@ -240,74 +264,6 @@ def _dkdv_by_rows(dk, dv, k, v, kpos, q_ptr, do_ptr, lse_ptr, delta_ptr, query_p
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    return dk, dv
-
-
-@triton.jit
-def _dkdv_by_query(dk, dv, k, v, kpos, q_desc, do_desc, lse_ptr, delta_ptr, query_ptr, start, end, b, g, T, H,
-                   query_offset, qk_scale, HPG: tl.constexpr, PRECISION: tl.constexpr):
-    """dK/dV steps of one query position each, its group's ``HPG`` heads as one TMA box of Q and
-    one of dO (a group's heads are adjacent rows of ``[B*T*H, d]``), dots in the transposed
-    ``[keys, heads]`` form so the key tile is their M."""
-    heads = g * HPG + tl.arange(0, HPG)
-    stat_lse = lse_ptr + (b * H + heads) * T - query_offset
-    stat_delta = delta_ptr + (b * H + heads) * T - query_offset
-    for qi in range(start, end):
-        pos = tl.load(query_ptr + qi).to(tl.int64)
-        row = ((b * T + pos - query_offset) * H + g * HPG).to(tl.int32)
-        q = q_desc.load([row, 0])
-        do = do_desc.load([row, 0])
-        lse2 = tl.load(stat_lse + pos) * LOG2E
-        delta = tl.load(stat_delta + pos)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-        p_t = tl.where((kpos <= pos)[:, None], tl.exp2(s_t - lse2[None, :]), 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
-    return dk, dv
-
-
-@triton.jit
-def _bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, q_desc, do_desc, lse_ptr, delta_ptr, query_ptr, chunk_ptr, dk_ptr, dv_ptr,
-    T, S, query_offset, H, G, heads_per_group, num_blocks, scale,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HPG_P: tl.constexpr, ROWS: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, DK_P: tl.constexpr, DV_P: tl.constexpr,
-    PRECISION: tl.constexpr, TMA: tl.constexpr,
-):
-    # chunk table row: (segment = (b*G + g)*num_blocks + j, start, end) into query_ptr.
-    chunk = chunk_ptr + tl.program_id(0) * 3
-    start = tl.load(chunk + 1)
-    end = tl.load(chunk + 2)
-    if start >= end:  # the grid is an upper bound on the number of chunks
-        return
-    segment = tl.load(chunk)
-    b = (segment // (G * num_blocks)).to(tl.int64)
-    g = (segment // num_blocks) % G
-    j = (segment % num_blocks).to(tl.int64)
-
-    offs_dk = tl.arange(0, DK_P)
-    offs_dv = tl.arange(0, DV_P)
-    # Wide heads split the block's keys over grid axis 1 (BLOCK_N < BLOCK_SIZE) to fit registers.
-    kpos = j * BLOCK_SIZE + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_ok = kpos < S  # the last block may be partial
-    kv_row = (b * S + kpos) * G + g
-    dk_mask = k_ok[:, None] & (offs_dk < DK)[None, :]
-    dv_mask = k_ok[:, None] & (offs_dv < DV)[None, :]
-    k = tl.load(k_ptr + kv_row[:, None] * DK + offs_dk[None, :], mask=dk_mask, other=0.0)
-    v = tl.load(v_ptr + kv_row[:, None] * DV + offs_dv[None, :], mask=dv_mask, other=0.0)
-
-    dk = tl.full([BLOCK_N, DK_P], 0.0, tl.float32)
-    dv = tl.full([BLOCK_N, DV_P], 0.0, tl.float32)
-    qk_scale = scale * LOG2E
-    if TMA:
-        dk, dv = _dkdv_by_query(dk, dv, k, v, kpos, q_desc, do_desc, lse_ptr, delta_ptr, query_ptr, start, end,
-                                b, g, T, H, query_offset, qk_scale, HPG_P, PRECISION)
-    else:
-        dk, dv = _dkdv_by_rows(dk, dv, k, v, kpos, q_ptr, do_ptr, lse_ptr, delta_ptr, query_ptr, start, end,
-                               b, g, T, H, heads_per_group, query_offset, qk_scale,
-                               ROWS, HPG_P, DK, DV, DK_P, DV_P, PRECISION)
 
     tl.atomic_add(dk_ptr + kv_row[:, None] * DK + offs_dk[None, :], dk * scale, mask=dk_mask, sem="relaxed")
     tl.atomic_add(dv_ptr + kv_row[:, None] * DV + offs_dv[None, :], dv, mask=dv_mask, sem="relaxed")
@@ -436,16 +392,12 @@ class _SelectionAttention(torch.autograd.Function):
         dk_acc = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
         dv_acc = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
         block_n = _dkdv_keys_per_program(block_size, dk_p, dv_p)
-        # A whole group of >= 16 heads fills the dots from one query position, so its Q/dO rows
-        # can come as one TMA box each instead of a gather of (query, head) rows.
-        by_query = hpg == hpg_p and 16 <= hpg <= tma.MAX_BOX and block_n == block_size and tma.applies(q, do)
-        q_do = (tma.head_tiles(q, hpg), tma.head_tiles(do, hpg)) if by_query else (q, do)
         _bwd_dkdv_kernel[(table.shape[0], block_size // block_n)](
-            q, k, v, do, *q_do, lse, delta, queries, table, dk_acc, dv_acc,
+            q, k, v, do, lse, delta, queries, table, dk_acc, dv_acc,
             seq_len, num_keys, query_offset, num_heads, groups, hpg, triton.cdiv(num_keys, block_size), scale,
             BLOCK_SIZE=block_size, BLOCK_N=block_n, HPG_P=hpg_p, ROWS=DKDV_ROWS if dk_p + dv_p <= 256 and q.element_size() == 2 else DKDV_ROWS // 2,
-            DK=dk, DV=dv, DK_P=dk_p, DV_P=dv_p, PRECISION=precision, TMA=by_query,
-            **(DKDV_LAUNCH_TMA if by_query else DKDV_LAUNCH),
+            DK=dk, DV=dv, DK_P=dk_p, DV_P=dv_p, PRECISION=precision,
+            **DKDV_LAUNCH,
         )
         return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype), None, None, None, None
 

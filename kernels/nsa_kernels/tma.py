@@ -1,14 +1,10 @@
 """TMA tiles (sm_90+): when the kernels may fetch tiles with the tensor memory accelerator.
 
-Two tile shapes of a ``[B, N, heads, d]`` tensor, each one bulk copy issued by the copy engine
-instead of a gather addressed by every thread:
-
-- :func:`row_tiles`: ``rows`` consecutive positions of one head, a box at ``(b*N + start,
-  head*d)`` of the 2-D ``[B*N, heads*d]`` view. Rows past ``B*N`` read as zeros; rows past ``N``
-  inside the matrix belong to the next batch, so kernels mask them as they mask any position out
-  of range.
-- :func:`head_tiles`: ``heads`` consecutive heads at one position, a box at
-  ``((b*N + t)*heads_total + first_head, 0)`` of the ``[B*N*heads_total, d]`` view.
+A kernel tile here is ``rows`` consecutive sequence positions of one head of a
+``[B, N, heads, d]`` tensor. Seen as the 2-D ``[B*N, heads*d]`` matrix that is a box at
+``(b*N + start, head*d)``: one bulk copy issued by the copy engine instead of a gather
+addressed by every thread. Rows past ``B*N`` read as zeros; rows past ``N`` inside the
+matrix belong to the next batch, so kernels mask them as they mask any position out of range.
 """
 from __future__ import annotations
 
@@ -41,11 +37,3 @@ def row_tiles(x: torch.Tensor, rows: int) -> TensorDescriptor:
     if not 1 <= rows <= MAX_BOX:
         raise ValueError(f"a TMA box has 1 to {MAX_BOX} rows, not {rows}")
     return TensorDescriptor.from_tensor(x.view(x.shape[0] * x.shape[1], -1), [rows, x.shape[-1]])
-
-
-def head_tiles(x: torch.Tensor, heads: int) -> TensorDescriptor:
-    """Descriptor of ``x [B, N, H, d]`` as ``[B*N*H, d]`` with ``heads x d`` boxes (check
-    :func:`applies` first)."""
-    if not 1 <= heads <= MAX_BOX:
-        raise ValueError(f"a TMA box has 1 to {MAX_BOX} rows, not {heads}")
-    return TensorDescriptor.from_tensor(x.view(-1, x.shape[-1]), [heads, x.shape[-1]])
