@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cp", type=int, default=2, help="context-parallel ranks (one process each)")
     p.add_argument("--summary-only", action="store_true", help="summarise an existing run")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options may follow the overrides
 
     if not args.summary_only:
         train(args.config, args.out, args.cp, args.overrides)
