@@ -153,6 +153,19 @@ def test_gather_tiles(name: str, dtype: torch.dtype, monkeypatch) -> None:
     _check(CASES[name], dtype)
 
 
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="GPU only: checks compiled, pipelined loops, which the interpreter does not have")
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_short_loops_finish(dtype: torch.dtype) -> None:
+    """Lengths where programs' tile loops run 0, 1, 2 or 3 times, on every kernel: a 2-stage TMA
+    pipeline once hung in dK/dV when its loop ran exactly once (group 1, T=50)."""
+    for seq_len in (17, 33, 50, 64, 65, 100, 129, 200):
+        for batch in (1, 2):
+            for heads, groups in ((2, 2), (4, 2), (16, 1)):
+                _check(Case("compressed", batch, seq_len, heads, groups, 64, 64), dtype)
+                _check(Case("window", batch, seq_len, heads, groups, 64, 64, window=40), dtype)
+
 @pytest.mark.parametrize(
     "tiles", [banded_module._Tiles(16, 32, 4, 1), banded_module._Tiles(64, 64, 4, 1)], ids=["m16-n32", "m64-n64"]
 )

@@ -36,11 +36,12 @@ Why the kernels are shaped as they are:
 - Rows that see no key (compressed attention before the first full block) keep a zero
   softmax denominator: their output is 0 and ``lse = -inf``. The backward reads their
   ``lse`` as ``+inf``, so every probability and hence every gradient is exactly 0.
-- The streamed tiles (K/V in the forward and dQ, Q/dO in dK/dV) are boxes of consecutive
-  positions of one head, so on sm_90+ with 16-bit inputs and power-of-two head dims they come by
-  TMA (``nsa_kernels.tma``): the copy engine fetches them while the warps compute. A box can run
+- The streamed K/V tiles of the forward and dQ are boxes of consecutive positions of one head,
+  so on sm_90+ with 16-bit inputs and power-of-two head dims they come by TMA
+  (``nsa_kernels.tma``): the copy engine fetches them while the warps compute. A box can run
   past the tensor's sequence into the next batch's rows; every tile already masks positions out
-  of range (scores to -inf, or lse to +inf), so those rows never count. Otherwise, gathers.
+  of range (scores to -inf), so those rows never count. Otherwise, gathers. dK/dV gathers its
+  Q/dO tiles always (see ``_dkdv_tile``).
 - Each program offsets its base pointers by int64 scalars and indexes its tile with
   small int32 offsets, so tensors beyond 2**31 elements address correctly.
 """
@@ -315,16 +316,18 @@ def _dq_kernel(
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, key_pos, q_base, do_base, q_desc, do_desc, q_row0, h, LSE, DELTA, row_base, start_m, T,
+    dk, dv, k, v, key_pos, q_base, do_base, LSE, DELTA, row_base, start_m, T,
     stride_qt, stride_ot, window, qk_scale,
     HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+    MASKED: tl.constexpr, PRECISION: tl.constexpr,
 ):
     t = start_m + tl.arange(0, BLOCK_M)
     row_ok = t < T  # rows past T read as lse = +inf: p = 0, whatever the tile holds there
-    q = _rows_tile(q_base, q_desc, q_row0, h * HEAD_DK, start_m, T, stride_qt, HEAD_DK, BLOCK_M, BLOCK_DK, TMA)
-    do = _rows_tile(do_base, do_desc, q_row0, h * HEAD_DV, start_m, T, stride_ot, HEAD_DV, BLOCK_M, BLOCK_DV, TMA)
+    # Gathered, not by TMA: on triton 3.6 / sm_90 this kernel's 2-stage TMA pipeline hangs when a
+    # program's loop runs exactly once (docs/KERNELS.md); the gather costs ~1.9 ms of 36.8 at 64k.
+    q = _rows_tile(q_base, None, 0, 0, start_m, T, stride_qt, HEAD_DK, BLOCK_M, BLOCK_DK, False)
+    do = _rows_tile(do_base, None, 0, 0, start_m, T, stride_ot, HEAD_DV, BLOCK_M, BLOCK_DV, False)
     lse2, delta = _load_row_stats(LSE, DELTA, row_base + t, row_ok)
     # Transposed ([keys, queries]) so dK and dV come out of the dots without transposes.
     p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])
@@ -340,7 +343,7 @@ def _dkdv_tile(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, Q_DESC, DO_DESC, DK, DV, LSE, DELTA,
+    Q, K, V, DO, DK, DV, LSE, DELTA,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -350,7 +353,7 @@ def _dkdv_kernel(
     T, S, H, key_stride, key_offset, window, scale, qk_scale, B, SPLITS,
     GROUP: tl.constexpr, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr, TMA: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # Program id -> (key tile, batch, KV head, slice), key tile slowest: low tiles, which
     # without a window are seen by the most queries, start first.
@@ -399,18 +402,18 @@ def _dkdv_kernel(
         h = g * GROUP + it // n_full
         dk, dv = _dkdv_tile(
             dk, dv, k, v, key_pos, Q + b * stride_qb + h * stride_qh, DO + b * stride_ob + h * stride_oh,
-            Q_DESC, DO_DESC, b * T, h, LSE, DELTA, (b * H + h) * T, mid_start + it % n_full * BLOCK_M, T,
+            LSE, DELTA, (b * H + h) * T, mid_start + it % n_full * BLOCK_M, T,
             stride_qt, stride_ot, window, qk_scale,
-            HEAD_DK, HEAD_DV, BLOCK_M, BLOCK_DK, BLOCK_DV, False, PRECISION, TMA)
+            HEAD_DK, HEAD_DV, BLOCK_M, BLOCK_DK, BLOCK_DV, False, PRECISION)
     pairs = GROUP * n_edge
     for it in range(split * pairs // SPLITS, (split + 1) * pairs // SPLITS):
         h = g * GROUP + it // n_edge
         dk, dv = _dkdv_tile(
             dk, dv, k, v, key_pos, Q + b * stride_qb + h * stride_qh, DO + b * stride_ob + h * stride_oh,
-            Q_DESC, DO_DESC, b * T, h, LSE, DELTA, (b * H + h) * T,
+            LSE, DELTA, (b * H + h) * T,
             _edge_start(it % n_edge, lo, n_lo, n_full, BLOCK_M), T,
             stride_qt, stride_ot, window, qk_scale,
-            HEAD_DK, HEAD_DV, BLOCK_M, BLOCK_DK, BLOCK_DV, True, PRECISION, TMA)
+            HEAD_DK, HEAD_DV, BLOCK_M, BLOCK_DK, BLOCK_DV, True, PRECISION)
 
     split_64 = split.to(tl.int64)
     tl.store(
@@ -568,11 +571,11 @@ class _Launch:
         """Forward / dQ grid: (query tile, head pack) flattened by ``_query_tile``, batch."""
         return triton.cdiv(self.seq_len, tiles.m // tiles.pack) * (self.num_heads // tiles.pack), self.batch
 
-    def kernel_kwargs(self, tiles: _Tiles, dtype: torch.dtype, by_tma: bool) -> dict:
+    def kernel_kwargs(self, tiles: _Tiles, dtype: torch.dtype) -> dict:
         return dict(
             GROUP=self.group, HEAD_DK=self.head_dk, HEAD_DV=self.head_dv,
             BLOCK_M=tiles.m, BLOCK_N=tiles.n, BLOCK_DK=self.block_dk, BLOCK_DV=self.block_dv,
-            PRECISION="ieee" if dtype == torch.float32 else "tf32", TMA=by_tma,
+            PRECISION="ieee" if dtype == torch.float32 else "tf32",
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )
 
@@ -593,7 +596,7 @@ def _forward(q, k, v, p: _Launch) -> tuple[torch.Tensor, torch.Tensor]:
     kv = (tma.row_tiles(k, tiles.n), tma.row_tiles(v, tiles.n)) if by_tma else (k, v)
     _fwd_kernel[p.query_grid(tiles)](
         q, k, v, *kv, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        *p.scalars(), p.scale * _LOG2E.value, HEADS=tiles.pack, **p.kernel_kwargs(tiles, q.dtype, by_tma),
+        *p.scalars(), p.scale * _LOG2E.value, HEADS=tiles.pack, **p.kernel_kwargs(tiles, q.dtype), TMA=by_tma,
     )
     return o, lse
 
@@ -609,8 +612,7 @@ def _backward(q, k, v, o, lse, do, p: _Launch) -> tuple[torch.Tensor, torch.Tens
         HEAD_DV=p.head_dv, BLOCK_M=block_m, BLOCK_DV=p.block_dv,
     )
 
-    by_tma = tma.applies(q, do)
-    tiles = p.tiles("dkdv", q.dtype, by_tma)
+    tiles = p.tiles("dkdv", q.dtype)
     num_groups = p.num_heads // p.group
     splits = _dkdv_splits(
         p.seq_len, p.num_keys, p.key_stride, p.key_offset, p.window,
@@ -621,10 +623,9 @@ def _backward(q, k, v, o, lse, do, p: _Launch) -> tuple[torch.Tensor, torch.Tens
     else:  # float32 partials per slice, summed below (deterministic, no atomics)
         dk_out = torch.empty((splits, *k.shape), dtype=torch.float32, device=k.device)
         dv_out = torch.empty((splits, *v.shape), dtype=torch.float32, device=v.device)
-    q_do = (tma.row_tiles(q, tiles.m), tma.row_tiles(do, tiles.m)) if by_tma else (q, do)
     _dkdv_kernel[(triton.cdiv(p.num_keys, tiles.n) * p.batch * num_groups * splits,)](
-        q, k, v, do, *q_do, dk_out, dv_out, lse, delta, *strides, *_strides(dk_out), *_strides(dv_out),
-        *p.scalars(), p.scale, p.scale * _LOG2E.value, p.batch, splits, **p.kernel_kwargs(tiles, q.dtype, by_tma),
+        q, k, v, do, dk_out, dv_out, lse, delta, *strides, *_strides(dk_out), *_strides(dv_out),
+        *p.scalars(), p.scale, p.scale * _LOG2E.value, p.batch, splits, **p.kernel_kwargs(tiles, q.dtype),
     )
     if splits > 1:
         dk, dv = dk_out.sum(0).to(k.dtype), dv_out.sum(0).to(v.dtype)
@@ -635,7 +636,7 @@ def _backward(q, k, v, o, lse, do, p: _Launch) -> tuple[torch.Tensor, torch.Tens
     kv = (tma.row_tiles(k, tiles.n), tma.row_tiles(v, tiles.n)) if by_tma else (k, v)
     _dq_kernel[p.query_grid(tiles)](
         q, k, v, *kv, do, dq, lse, delta, *strides,
-        *p.scalars(), p.scale, p.scale * _LOG2E.value, HEADS=tiles.pack, **p.kernel_kwargs(tiles, q.dtype, by_tma),
+        *p.scalars(), p.scale, p.scale * _LOG2E.value, HEADS=tiles.pack, **p.kernel_kwargs(tiles, q.dtype), TMA=by_tma,
     )
     return dq, dk, dv
 
