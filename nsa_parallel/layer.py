@@ -49,6 +49,54 @@ def nsa_branches(
     )
 
 
+def document_bounds(cu_seqlens: torch.Tensor, total: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of each non-empty document of a packed row of ``total`` tokens.
+
+    ``cu_seqlens`` is Megatron's / flash-attn's: cumulative document lengths, ``[0, ..., total]``.
+    Raises ``ValueError`` naming the rule it breaks (checked before any work; one host sync).
+    """
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
+            or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex:
+        raise ValueError("cu_seqlens must be a 1-D integer tensor [0, end of document 1, ..., total tokens], "
+                         f"got {cu_seqlens!r}")
+    ends = cu_seqlens.tolist()
+    if ends[0] != 0 or ends[-1] != total:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the number of tokens ({total}), "
+                         f"got {ends[0]} ... {ends[-1]}")
+    if any(b < a for a, b in zip(ends, ends[1:])):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {ends}")
+    return [(a, b) for a, b in zip(ends, ends[1:]) if b > a]
+
+
+def packed_nsa_branches(
+    q: torch.Tensor,
+    branch_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    gate_logits: torch.Tensor,
+    compress_k: BlockCompressor,
+    compress_v: BlockCompressor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    config: NSAConfig,
+    cu_seqlens: torch.Tensor,
+    backend: ops.Backend = "auto",
+) -> torch.Tensor:
+    """:func:`nsa_branches` on a packed row: each document attends only to itself.
+
+    ``q [1, T, H, dk]`` etc. hold documents back to back, ``cu_seqlens`` their boundaries.
+    Every document is NSA on its own sequence: its blocks, windows and rotary positions start at
+    its first token (``cos``/``sin`` must cover the longest document). Runs document by
+    document, one set of kernel launches each.
+    """
+    if q.shape[0] != 1:
+        raise ValueError(f"a packed sequence is one row: batch must be 1, got {q.shape[0]}")
+    outs = [
+        nsa_branches(q[:, a:b], [(k[:, a:b], v[:, a:b]) for k, v in branch_kv], gate_logits[:, a:b],
+                     compress_k, compress_v, cos, sin, config, backend)
+        for a, b in document_bounds(cu_seqlens, q.shape[1])
+    ]
+    return torch.cat(outs, dim=1)
+
+
 class NativeSparseAttention(nn.Module):
     """Self-attention with NSA's compressed, selected and sliding-window branches.
 
@@ -58,7 +106,8 @@ class NativeSparseAttention(nn.Module):
     compressed token is rotated by the position of its block's last token, the
     first query that may see it. Gates are ``sigmoid(Linear(x))``, one per head
     and branch. Under context parallelism ``comm_stats`` accumulates the bytes
-    this rank exchanged (reset it per step).
+    this rank exchanged (reset it per step). ``forward(x, cu_seqlens=...)`` takes
+    packed documents, each attending only to itself.
     """
 
     def __init__(
@@ -119,19 +168,30 @@ class NativeSparseAttention(nn.Module):
         *,
         cp_group: "torch.distributed.ProcessGroup | None" = None,
         cp_layout: str = "contiguous",
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``x [B, T, hidden] -> [B, T, hidden]``.
 
         With ``cp_group``, ``x`` is this rank's shard ``[B, T/P, hidden]`` of a
         sequence laid out by ``cp_layout`` (``"contiguous"`` or Megatron's
         ``"zigzag"``); every rank of the group must call forward together.
+        With ``cu_seqlens``, ``x [1, T, hidden]`` packs documents back to back
+        (boundaries ``[0, ..., T]``) and each attends only to itself.
         """
         if cp_layout not in CP_LAYOUTS:
             raise ValueError(f"cp_layout ({cp_layout!r}) must be one of {CP_LAYOUTS}")
         if x.dim() != 3:
             raise ValueError(f"x must be [batch, seq, hidden], got shape {tuple(x.shape)}")
         batch, seq = x.shape[:2]
-        if cp_group is None:
+        if cu_seqlens is not None:
+            if cp_group is not None:
+                raise NotImplementedError("packed sequences (cu_seqlens) are not supported under context parallelism")
+            if batch != 1:
+                raise ValueError(f"a packed sequence (cu_seqlens) is one row: batch must be 1, got {batch}")
+            # Each document's positions start at 0: the table covers the longest.
+            longest = max((b - a for a, b in document_bounds(cu_seqlens, seq)), default=0)
+            positions = torch.arange(longest, device=x.device)
+        elif cp_group is None:
             positions = torch.arange(seq, device=x.device)
         else:
             world = torch.distributed.get_world_size(cp_group)
@@ -141,7 +201,10 @@ class NativeSparseAttention(nn.Module):
         cos, sin = rotary_angles(positions, self.head_dim, self.rotary_base)
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
         gate_logits = self.gate_proj(x).view(batch, seq, self.num_heads, len(BRANCHES))
-        if cp_group is None:
+        if cu_seqlens is not None:
+            out = packed_nsa_branches(q, self._branch_kv(x), gate_logits, self.compress_k, self.compress_v,
+                                      cos, sin, self.config, cu_seqlens, self.backend)
+        elif cp_group is None:
             out = nsa_branches(q, self._branch_kv(x), gate_logits, self.compress_k, self.compress_v,
                                cos, sin, self.config, self.backend)
         else:

@@ -213,3 +213,67 @@ def test_paper_spec_module_for_megatron_lm():
     spec = vars(importlib.import_module("nsa_parallel.megatron.paper_spec"))["layer_spec"]
     assert spec.submodules.self_attention.module is NSASelfAttention
     assert spec.submodules.self_attention.params["nsa_config"] == NSAConfig()
+
+
+def _packed(cu: list[int], **kw):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    longest = max(b - a for a, b in zip(cu, cu[1:]))
+    args = dict(qkv_format="thd", cu_seqlens_q=cu_t, cu_seqlens_kv=cu_t, max_seqlen_q=longest, max_seqlen_kv=longest)
+    args.update(kw)
+    return PackedSeqParams(**args)
+
+
+DOCS = [0, 37, 37, 42, 100, 157]  # an empty document, one shorter than a compression block, ...
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_packed_sequences_equal_documents_run_alone(rope):
+    torch.manual_seed(0)
+    attn = _build_attention(tiny_config(params_dtype=torch.float64, add_bias_linear=False))
+    # Megatron's rotary table for packed sequences covers the longest document, positions from 0.
+    freqs = torch.rand(64, 1, 1, 16, dtype=torch.float64) * torch.arange(64, dtype=torch.float64)[:, None, None, None]
+    kw = dict(rotary_pos_emb=freqs) if rope else {}
+    x = torch.randn(DOCS[-1], 1, 64, dtype=torch.float64)
+    x_packed, x_alone = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_packed, _ = attn(x_packed, None, packed_seq_params=_packed(DOCS), **kw)
+    y_alone = torch.cat([attn(x_alone[a:b], None, **kw)[0] for a, b in zip(DOCS, DOCS[1:]) if b > a])
+    assert_close(y_packed, y_alone, torch.float64, "output")
+    up = torch.randn_like(y_packed)
+    y_packed.backward(up)
+    y_alone.backward(up)
+    assert_close(x_packed.grad, x_alone.grad, torch.float64, "input grad")
+
+
+def test_gpt_with_packed_documents_keeps_them_apart():
+    torch.manual_seed(0)
+    model = tiny_gpt(tiny_config(), "rope")
+    tokens = torch.randint(0, VOCAB, (1, SEQ))
+    changed = tokens.clone()
+    changed[:, :40] = torch.randint(0, VOCAB, (1, 40))
+    positions = torch.cat([torch.arange(40), torch.arange(SEQ - 40)])[None]
+    packed = _packed([0, 40, SEQ])
+    logits = model(tokens, positions, None, packed_seq_params=packed)
+    assert torch.equal(logits[:, 40:], model(changed, positions, None, packed_seq_params=packed)[:, 40:])
+    assert not torch.equal(logits[:, :40], model(changed, positions, None, packed_seq_params=packed)[:, :40])
+
+
+def test_unsupported_packing_raises():
+    attn = _build_attention(tiny_config())
+    x = torch.randn(40, 1, 64)
+    cases = [
+        (NotImplementedError, "qkv_format must be 'thd'", dict(packed_seq_params=_packed([0, 40], qkv_format="sbhd"))),
+        (ValueError, "equal cu_seqlens_kv", dict(packed_seq_params=_packed(
+            [0, 40], cu_seqlens_kv=torch.tensor([0, 20, 40], dtype=torch.int32)))),
+        (NotImplementedError, "padding between packed documents", dict(packed_seq_params=_packed(
+            [0, 20, 40], cu_seqlens_q_padded=torch.tensor([0, 24, 48], dtype=torch.int32)))),
+        (ValueError, "end at the number of tokens", dict(packed_seq_params=_packed([0, 20, 39]))),
+        (NotImplementedError, "must cover all 40 positions", dict(packed_seq_params=_packed([0, 40]),
+                                                                   rotary_pos_emb=torch.zeros(30, 1, 1, 16))),
+    ]
+    for error, match, kwargs in cases:
+        with pytest.raises(error, match=match):
+            attn(x, None, **kwargs)
+    with pytest.raises(ValueError, match="one row"):
+        attn(torch.randn(40, 2, 64), None, packed_seq_params=_packed([0, 40]))

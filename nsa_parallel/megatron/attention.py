@@ -18,7 +18,7 @@ from .. import ops
 from ..compression import BlockCompressor
 from ..config import NSAConfig
 from ..context_parallel import CommStats, ShardLayout, context_parallel_nsa_branches
-from ..layer import BRANCHES, nsa_branches
+from ..layer import BRANCHES, document_bounds, nsa_branches, packed_nsa_branches
 from ..rotary import rotary_angles
 
 
@@ -63,6 +63,8 @@ class NSASelfAttention(MegatronModule):
     always causal. With ``context_parallel_size > 1`` the module runs NSA's own
     context parallelism over Megatron's CP group on Megatron's zigzag layout
     (``cp_comm_type`` is ignored); ``comm_stats`` accumulates the bytes exchanged.
+    Packed sequences (``packed_seq_params`` in ``thd`` format, ``[tokens, 1, hidden]``,
+    without context parallelism): each document is NSA on its own, positions from 0.
     """
 
     CP_LAYOUT = "zigzag"  # how Megatron's batch slicing and rotary embeddings split a sequence
@@ -162,6 +164,31 @@ class NSASelfAttention(MegatronModule):
                 f"{self.head_dim} channels of a head (rotary_percent < 1 is not supported)")
         return freqs.cos(), freqs.sin()
 
+    def _packed_documents(self, packed_seq_params: Any, hidden_states: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Document boundaries of a packed (``thd``) batch and its longest document's length, checked
+        against what this module supports before any work."""
+        qkv_format = getattr(packed_seq_params, "qkv_format", None)
+        if qkv_format != "thd":
+            raise NotImplementedError(f"packed_seq_params.qkv_format must be 'thd' for NSA, got {qkv_format!r}")
+        if self.cp_group is not None:
+            raise NotImplementedError("NSASelfAttention does not support packed sequences (packed_seq_params) "
+                                      "under context parallelism")
+        if hidden_states.shape[1] != 1:
+            raise ValueError(f"packed sequences are one row: hidden_states must be [tokens, 1, hidden], "
+                             f"got batch {hidden_states.shape[1]}")
+        cu_q, cu_kv = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
+        if cu_q is None or (cu_kv is not None and not torch.equal(cu_q, cu_kv)):
+            raise ValueError("packed_seq_params.cu_seqlens_q must be set and equal cu_seqlens_kv (self-attention)")
+        for name in ("cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
+            padded = getattr(packed_seq_params, name, None)
+            if padded is not None and not torch.equal(padded, cu_q):
+                raise NotImplementedError(f"packed_seq_params.{name} differs from cu_seqlens_q: NSA does not "
+                                          "support padding between packed documents")
+        tokens = hidden_states.shape[0]
+        if self.config.sequence_parallel:  # each TP rank holds a slice of the sequence
+            tokens *= torch.distributed.get_world_size(self.tp_group)
+        return cu_q, max((b - a for a, b in document_bounds(cu_q, tokens)), default=0)
+
     def _check_mask(self, attention_mask: torch.Tensor | None, seq: int) -> None:
         if attention_mask is None:
             return
@@ -202,8 +229,8 @@ class NSASelfAttention(MegatronModule):
         """``hidden_states [s, b, h]`` (``[s/tp, b, h]`` with sequence parallelism) -> ``(output, bias)``."""
         if key_value_states is not None:
             raise ValueError("NSASelfAttention is self-attention; key_value_states (cross attention) is not supported")
-        if packed_seq_params is not None:
-            raise NotImplementedError("NSASelfAttention does not support packed sequences (packed_seq_params)")
+        cu_seqlens, longest = (None, 0) if packed_seq_params is None else \
+            self._packed_documents(packed_seq_params, hidden_states)
         if inference_context is not None or inference_params is not None:
             raise NotImplementedError("NSASelfAttention has no KV cache for inference (inference_context)")
         if attention_bias is not None:
@@ -215,14 +242,19 @@ class NSASelfAttention(MegatronModule):
         kv, _ = self.linear_kv(hidden_states)
         gate_logits, _ = self.linear_gate(hidden_states)
         seq, batch = q.shape[:2]
-        self._check_mask(attention_mask, seq)
+        if cu_seqlens is None:  # packed documents are masked by their boundaries instead
+            self._check_mask(attention_mask, seq)
         nb, dk = len(BRANCHES), self.head_dim
         q = q.view(seq, batch, self.heads_local, dk).transpose(0, 1)
         kv = kv.view(seq, batch, self.groups_local, nb, 2 * dk).transpose(0, 1)
         branch_kv = [(kv[:, :, :, i, :dk], kv[:, :, :, i, dk:]) for i in range(nb)]
         gate_logits = gate_logits.view(seq, batch, self.heads_local, nb).transpose(0, 1)
-        cos, sin = self._rotary_tables(seq, rotary_pos_emb, q.device)
-        if self.cp_group is None:
+        # Packed: positions restart at every document, as Megatron's rotary does for packed sequences.
+        cos, sin = self._rotary_tables(seq if cu_seqlens is None else longest, rotary_pos_emb, q.device)
+        if cu_seqlens is not None:
+            out = packed_nsa_branches(q, branch_kv, gate_logits, self.compress_k, self.compress_v, cos, sin,
+                                      self.nsa_config, cu_seqlens, self.backend)
+        elif self.cp_group is None:
             out = nsa_branches(q, branch_kv, gate_logits, self.compress_k, self.compress_v, cos, sin,
                                self.nsa_config, self.backend)
         else:
