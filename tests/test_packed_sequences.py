@@ -7,7 +7,7 @@ import torch
 from nsa_parallel import NativeSparseAttention, NSAConfig
 from nsa_parallel.layer import document_bounds
 
-from conftest import assert_close
+from conftest import DEVICE, ON_GPU, assert_close
 
 SMALL = NSAConfig(compress_block_size=16, compress_stride=8, select_block_size=16, num_selected_blocks=4, window_size=24)
 # An empty document, one shorter than a compression block, one not a multiple of any block, a long one.
@@ -19,17 +19,21 @@ def layer(backend: str, dtype: torch.dtype) -> NativeSparseAttention:
     return NativeSparseAttention(64, 4, 2, 32, config=SMALL, backend=backend, dtype=dtype)
 
 
-@pytest.mark.parametrize("backend, dtype", [("reference", torch.float64), ("triton", torch.float32)])
+@pytest.mark.parametrize("backend, dtype", [("reference", torch.float64), ("triton", torch.float32)]
+                         + ([("triton", torch.bfloat16)] if ON_GPU else []))
 def test_packed_row_equals_documents_run_alone(backend, dtype):
-    packed = layer(backend, dtype)
-    alone = copy.deepcopy(packed)
-    x = torch.randn(1, DOCS[-1], 64, dtype=dtype)
-    x_packed, x_alone = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_packed = packed(x_packed, cu_seqlens=torch.tensor(DOCS))
+    """Packed (``backend``, ``dtype``, on the GPU when there is one) against each document run alone
+    through the float64 reference: outputs, input and parameter gradients."""
+    alone = layer("reference", torch.float64)
+    packed = copy.deepcopy(alone).to(DEVICE, dtype)
+    packed.backend = backend
+    x = torch.randn(1, DOCS[-1], 64, dtype=torch.float64)
+    x_packed, x_alone = x.clone().to(DEVICE, dtype).requires_grad_(), x.clone().requires_grad_()
+    y_packed = packed(x_packed, cu_seqlens=torch.tensor(DOCS, device=DEVICE))
     y_alone = torch.cat([alone(x_alone[:, a:b]) for a, b in zip(DOCS, DOCS[1:]) if b > a], dim=1)
     assert_close(y_packed, y_alone, dtype, "output")
-    up = torch.randn_like(y_packed)
-    y_packed.backward(up)
+    up = torch.randn_like(y_alone)
+    y_packed.backward(up.to(DEVICE, dtype))
     y_alone.backward(up)
     assert_close(x_packed.grad, x_alone.grad, dtype, "input grad")
     for (name, p), q in zip(packed.named_parameters(), alone.parameters()):
