@@ -69,6 +69,9 @@ class TrainSection:
 class DataSection:
     path: Optional[str] = None  # Megatron indexed dataset prefix; None: the built-in retrieval task
     num_pairs: int = 32  # retrieval task: key-value pairs spread through each sequence, all queried at its end
+    # Token id that ends a document: each document then attends only to itself (packed sequences,
+    # positions from 0 per document). None: sequences run across documents.
+    eod_token: Optional[int] = None
 
 
 @dataclass
@@ -194,10 +197,27 @@ def validate(c: JobConfig) -> None:
                          f"parallel.context_parallel_size x nsa.select_block_size ({chunk})")
     if c.data.path is None:
         _check_retrieval_task(c)
+    if c.data.eod_token is not None:
+        _check_documents(c)
     per_step = t.micro_batch_size * c.data_parallel_size
     if t.global_batch_size % per_step:
         raise ValueError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
                          f"train.micro_batch_size x data-parallel size ({per_step})")
+
+
+def _check_documents(c: JobConfig) -> None:
+    """Document boundaries need a corpus with documents, NSA's attention and one CP rank."""
+    eod = c.data.eod_token
+    if not 0 <= eod < c.model.vocab_size:
+        raise ValueError(f"data.eod_token ({eod}) must be a token id in [0, model.vocab_size ({c.model.vocab_size}))")
+    if c.data.path is None:
+        raise ValueError("data.eod_token needs data.path: the built-in retrieval task has no documents")
+    if c.model.attention != "nsa":
+        raise ValueError(f"data.eod_token needs model.attention=nsa (got {c.model.attention!r}): "
+                         "Megatron's local attention does not take packed sequences")
+    if c.parallel.context_parallel_size > 1:
+        raise ValueError(f"data.eod_token does not support parallel.context_parallel_size "
+                         f"({c.parallel.context_parallel_size}) > 1: packed documents run on one rank")
 
 
 def _check_retrieval_task(c: JobConfig) -> None:

@@ -57,3 +57,16 @@ def test_no_sources_is_an_error_and_writes_nothing(tmp_path):
     with pytest.raises(SystemExit, match="no .py files"):
         mcc.write_corpus(mcc.source_files(tmp_path / "src"), tmp_path / "out" / "code", max_bytes=100)
     assert not (tmp_path / "out" / "code.bin").exists() and not (tmp_path / "out" / "code.idx").exists()
+
+
+def test_eod_ends_every_document(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    mcc = _script()
+    files = _tree(tmp_path / "src")
+    mcc.write_corpus(mcc.source_files(tmp_path / "src"), tmp_path / "code", max_bytes=2**20, eod=True)
+    dataset = IndexedDataset(str(tmp_path / "code"))
+    for i, name in enumerate(["a.py", "pkg/b.py"]):
+        doc = numpy.asarray(dataset[i])
+        assert doc.dtype == numpy.uint16 and doc[-1] == mcc.EOD
+        assert bytes(doc[:-1].astype(numpy.uint8)) == files[name]

@@ -58,26 +58,30 @@ def test_no_ray_needs_as_many_processes_as_workers(tmp_path, capsys):
     assert not out.exists()
 
 
-def _indexed_dataset(prefix: Path, vocab: int) -> None:
+def _indexed_dataset(prefix: Path, vocab: int, eod: int | None = None) -> None:
     import numpy
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=numpy.int32)
     g = torch.Generator().manual_seed(0)
     for _ in range(40):
-        doc = torch.randint(0, vocab, (int(torch.randint(50, 400, (1,), generator=g)),), generator=g)
+        doc = torch.randint(0, vocab - 1, (int(torch.randint(50, 400, (1,), generator=g)),), generator=g)
+        if eod is not None:
+            doc = torch.cat([doc, torch.tensor([eod])])
         builder.add_document(doc, [len(doc)])
     builder.finalize(f"{prefix}.idx")
 
 
-def test_no_ray_trains_on_megatron_gpt_dataset(tmp_path):
+@pytest.mark.parametrize("eod", [None, 63], ids=["across-documents", "packed-documents"])
+def test_no_ray_trains_on_megatron_gpt_dataset(tmp_path, eod):
     pytest.importorskip("megatron.core")
     prefix, out = tmp_path / "corpus", tmp_path / "run"
-    _indexed_dataset(prefix, vocab=64)
+    _indexed_dataset(prefix, vocab=64, eod=eod)
+    documents = [] if eod is None else [f"data.eod_token={eod}", "train.micro_batch_size=2"]
     run = subprocess.run(
         [sys.executable, "-m", "nsa_parallel.train", "--config", TINY, "--no-ray", f"data.path={prefix}",
          "parallel.context_parallel_size=1", "launch.num_workers=1", "train.max_steps=2",
-         "train.checkpoint_interval=2", f"train.output_dir={out}"],
+         "train.checkpoint_interval=2", f"train.output_dir={out}", *documents],
         check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stdout + run.stderr
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]

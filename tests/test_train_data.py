@@ -8,7 +8,7 @@ import torch
 
 from nsa_parallel.job_config import load_job_config
 from nsa_parallel.train.context_parallel import zigzag_slice
-from nsa_parallel.train.data import QUERY_TOKEN, RetrievalTask, step_microbatches
+from nsa_parallel.train.data import QUERY_TOKEN, RetrievalTask, pack_documents, step_microbatches
 from nsa_parallel.train.schedule import learning_rate
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -90,6 +90,20 @@ def test_step_microbatches_split_the_global_batch_over_dp_and_cp():
             assert torch.equal(mb1["tokens"], zigzag_slice(full, 2, 1))
             assert torch.equal(mb1["position_ids"], zigzag_slice(torch.arange(512)[None], 2, 1))
     assert sorted(seen) == [8, 9, 10, 11]
+
+
+def test_pack_documents_cuts_at_eod_and_row_ends():
+    eod = 9
+    tokens = torch.tensor([[1, 2, eod, 3, 4, 5], [6, eod, 7, 8, 1, eod]])
+    batch = {"tokens": tokens, "labels": tokens + 1, "loss_mask": torch.ones(2, 6),
+             "position_ids": torch.arange(6).expand(2, -1)}
+    packed = pack_documents(batch, eod)
+    assert packed["cu_seqlens"].tolist() == [0, 3, 6, 8, 12]  # the EOD closing row 2 adds no boundary
+    assert packed["cu_seqlens"].dtype == torch.int32
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert torch.equal(packed["tokens"], tokens.reshape(1, -1))
+    assert torch.equal(packed["labels"], (tokens + 1).reshape(1, -1))
+    assert packed["loss_mask"].shape == (1, 12)
 
 
 def test_learning_rate_warms_up_then_decays_to_min_lr():

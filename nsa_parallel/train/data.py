@@ -104,13 +104,31 @@ def token_source(config: JobConfig, cache_dir: Path) -> TokenSource:
     return IndexedDataset(config, t.max_steps * t.global_batch_size, cache_dir)
 
 
+def pack_documents(batch: dict[str, torch.Tensor], eod_token: int) -> dict[str, torch.Tensor]:
+    """A micro-batch ``[b, s]`` as one row ``[1, b*s]`` of documents, each ending at ``eod_token``
+    (inclusive) or at its row's end: ``cu_seqlens`` holds the boundaries, ``position_ids``
+    restart at every document. Labels and loss masks are unchanged, as Megatron's
+    ``reset_attention_mask`` leaves them."""
+    rows, seq = batch["tokens"].shape
+    tokens = batch["tokens"].reshape(1, -1)
+    after_eod = (tokens[0] == eod_token).nonzero().flatten() + 1
+    row_ends = torch.arange(0, rows * seq + 1, seq)
+    cu_seqlens = torch.cat([row_ends, after_eod]).unique()  # sorted; an EOD at a row's end adds nothing
+    starts = torch.zeros(rows * seq, dtype=torch.long)
+    starts[cu_seqlens[:-1]] = cu_seqlens[:-1]
+    position_ids = torch.arange(rows * seq) - starts.cummax(0).values
+    packed = {key: value.reshape(1, -1) for key, value in batch.items() if key != "position_ids"}
+    return {**packed, "position_ids": position_ids[None], "cu_seqlens": cu_seqlens.to(torch.int32)}
+
+
 def step_microbatches(source: TokenSource, consumed_samples: int, config: JobConfig, dp_rank: int, dp_size: int,
                       cp_rank: int, cp_size: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
     """This rank's micro-batches of the step that starts after ``consumed_samples`` samples.
 
     Micro-batch ``m`` of data-parallel rank ``d`` holds global samples
     ``consumed + (m * dp_size + d) * mbs + [0, mbs)``; each tensor is cut to this
-    context-parallel rank's zigzag share of the sequence, ``position_ids`` included.
+    context-parallel rank's zigzag share of the sequence, ``position_ids`` included. With
+    ``data.eod_token`` each micro-batch is packed into one row of documents (:func:`pack_documents`).
     """
     mbs = config.train.micro_batch_size
     micro_batches = config.train.global_batch_size // (mbs * dp_size)
@@ -120,6 +138,8 @@ def step_microbatches(source: TokenSource, consumed_samples: int, config: JobCon
         samples = [source[i] for i in range(first, first + mbs)]
         batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
         batch["position_ids"] = torch.arange(config.train.seq_length).expand(mbs, -1)
+        if config.data.eod_token is not None:  # validated: one CP rank, so the slice below keeps all
+            batch = pack_documents(batch, config.data.eod_token)
         out.append({key: zigzag_slice(value, cp_size, cp_rank).to(device, non_blocking=True)
                     for key, value in batch.items()})
     return out

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.packed_seq_params import PackedSeqParams
 from omegaconf import OmegaConf
 
 from ..context_parallel import CommStats
@@ -94,6 +95,15 @@ def _resume(paths: RunPaths, model, optimizer, device: torch.device) -> tuple[in
     return loaded["step"], loaded["consumed_samples"]
 
 
+def packed_documents(cu_seqlens: torch.Tensor | None) -> PackedSeqParams | None:
+    """Megatron's description of a row of packed documents (``data.eod_token``), or None."""
+    if cu_seqlens is None:
+        return None
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
 def train_step(module: torch.nn.Module, optimizer, microbatches: list[dict[str, torch.Tensor]], lr: float,
                dp_cp_group: dist.ProcessGroup) -> tuple[float, float]:
     """One optimizer step over this rank's micro-batches; returns (global mean loss, grad norm).
@@ -106,7 +116,8 @@ def train_step(module: torch.nn.Module, optimizer, microbatches: list[dict[str, 
     device = microbatches[0]["tokens"].device
     loss_sum, num_tokens = torch.zeros((), device=device), torch.zeros((), device=device)
     for mb in microbatches:
-        per_token = module(mb["tokens"], mb["position_ids"], None, labels=mb["labels"])
+        per_token = module(mb["tokens"], mb["position_ids"], None, labels=mb["labels"],
+                           packed_seq_params=packed_documents(mb.get("cu_seqlens")))
         loss = (per_token.float() * mb["loss_mask"]).sum()
         loss.backward()
         loss_sum += loss.detach()
