@@ -55,8 +55,14 @@ def _losses_and_grads(rank: int, world: int, init_file: str, out_dir: str, pe: s
         model, vocab = _gpt(world, pe)
         tokens, labels = _batch(vocab)
         positions = ShardLayout("zigzag", world, SEQ).local_positions(rank)
-        loss = model(tokens[:, positions], positions[None].expand(2, -1), None, labels=labels[:, positions])
+        # Megatron's get_batch gives each CP rank the causal mask's rows of its positions.
+        causal = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), 1)[positions][None, None]
+        loss = model(tokens[:, positions], positions[None].expand(2, -1), causal, labels=labels[:, positions])
         loss.sum().backward()
+        if world > 1:
+            from test_megatron_layer import _reset_mask
+            with pytest.raises(NotImplementedError, match="under context parallelism is causal"):
+                model(tokens[:, positions], positions[None].expand(2, -1), _reset_mask(SEQ, [50])[positions][None, None])
         grads = {}
         for name, p in model.named_parameters():
             grads[name] = p.grad.clone()

@@ -277,3 +277,31 @@ def test_unsupported_packing_raises():
             attn(x, None, **kwargs)
     with pytest.raises(ValueError, match="one row"):
         attn(torch.randn(40, 2, 64), None, packed_seq_params=_packed([0, 40]))
+
+
+def _reset_mask(seq: int, eods: list[int]) -> torch.Tensor:
+    """Megatron-LM's ``--reset-attention-mask``: causal, and nothing after an EOD sees up to it (True = masked)."""
+    keep = torch.tril(torch.ones(seq, seq))
+    for i in eods:
+        keep[i + 1:, : i + 1] = 0
+    return keep < 0.5
+
+
+def test_reset_attention_mask_runs_each_document_alone():
+    torch.manual_seed(0)
+    attn = _build_attention(tiny_config(params_dtype=torch.float64, add_bias_linear=False))
+    rows = [[36, 41, 99], [70]]  # EOD positions per row; row 1 ends with an unterminated document
+    mask = torch.stack([_reset_mask(157, eods) for eods in rows])[:, None]
+    x = torch.randn(157, 2, 64, dtype=torch.float64)
+    y, _ = attn(x, mask)
+    for r, eods in enumerate(rows):
+        bounds = [0] + [i + 1 for i in eods] + [157]
+        alone = torch.cat([attn(x[a:b, r:r + 1], None)[0] for a, b in zip(bounds, bounds[1:])])
+        assert_close(y[:, r:r + 1], alone, torch.float64, f"row {r}")
+    shared, _ = attn(x, mask[:1])  # one mask for every row
+    assert_close(shared[:, 0], y[:, 0], torch.float64, "broadcast mask")
+    assert not torch.equal(mask[:1].expand(2, -1, -1, -1), mask) and not torch.equal(shared[:, 1], y[:, 1])
+    almost = mask.clone()
+    almost[0, 0, 150, 3] = False  # one more visible token: no longer a document mask
+    with pytest.raises(NotImplementedError, match="document resets"):
+        attn(x, almost)

@@ -63,8 +63,9 @@ class NSASelfAttention(MegatronModule):
     always causal. With ``context_parallel_size > 1`` the module runs NSA's own
     context parallelism over Megatron's CP group on Megatron's zigzag layout
     (``cp_comm_type`` is ignored); ``comm_stats`` accumulates the bytes exchanged.
-    Packed sequences (``packed_seq_params`` in ``thd`` format, ``[tokens, 1, hidden]``,
-    without context parallelism): each document is NSA on its own, positions from 0.
+    Documents, without context parallelism: packed sequences (``packed_seq_params`` in ``thd``
+    format, ``[tokens, 1, hidden]``) or a causal mask with document resets (Megatron-LM's
+    ``--reset-attention-mask``); each document is NSA on its own, positions from 0.
     """
 
     CP_LAYOUT = "zigzag"  # how Megatron's batch slicing and rotary embeddings split a sequence
@@ -164,9 +165,9 @@ class NSASelfAttention(MegatronModule):
                 f"{self.head_dim} channels of a head (rotary_percent < 1 is not supported)")
         return freqs.cos(), freqs.sin()
 
-    def _packed_documents(self, packed_seq_params: Any, hidden_states: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Document boundaries of a packed (``thd``) batch and its longest document's length, checked
-        against what this module supports before any work."""
+    def _packed_documents(self, packed_seq_params: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Document boundaries of a packed (``thd``) batch, checked against what this module supports
+        before any work."""
         qkv_format = getattr(packed_seq_params, "qkv_format", None)
         if qkv_format != "thd":
             raise NotImplementedError(f"packed_seq_params.qkv_format must be 'thd' for NSA, got {qkv_format!r}")
@@ -187,27 +188,63 @@ class NSASelfAttention(MegatronModule):
         tokens = hidden_states.shape[0]
         if self.config.sequence_parallel:  # each TP rank holds a slice of the sequence
             tokens *= torch.distributed.get_world_size(self.tp_group)
-        return cu_q, max((b - a for a, b in document_bounds(cu_q, tokens)), default=0)
+        document_bounds(cu_q, tokens)
+        return cu_q
 
-    def _check_mask(self, attention_mask: torch.Tensor | None, seq: int) -> None:
+    def _mask_documents(self, attention_mask: torch.Tensor | None, seq: int, batch: int) -> list[torch.Tensor] | None:
+        """``None`` for no mask or a causal one; for a causal mask with document resets (Megatron-LM's
+        ``--reset-attention-mask``) the document boundaries of each row; anything else raises.
+
+        Megatron's convention: True = masked out. Telling causal from padding takes O(s) checks;
+        only a mask that is not causal is compared whole (O(s^2), as much as building it took).
+        """
         if attention_mask is None:
-            return
+            return None
         if self.cp_group is not None:
-            # Megatron slices the causal mask's query dim per CP rank; NSA applies causality itself.
-            full = seq * torch.distributed.get_world_size(self.cp_group)
-            if attention_mask.shape[-2:] != (seq, full):
-                raise ValueError(f"attention_mask under context parallelism must be [..., {seq}, {full}], "
-                                 f"got shape {tuple(attention_mask.shape)}")
-            return
-        # Megatron's convention: True = masked out. A full O(s^2) comparison would cost
-        # as much as attention at long context, so check what tells causal from padding.
+            self._check_causal_shard_mask(attention_mask, seq)
+            return None
         if attention_mask.shape[-2:] != (seq, seq):
             raise ValueError(f"attention_mask must be [..., {seq}, {seq}], got shape {tuple(attention_mask.shape)}")
         last_row_sees_all = not attention_mask[..., -1, :].any()
         first_row_sees_self_only = bool(attention_mask[..., 0, 1:].all()) and not attention_mask[..., 0, 0].any()
-        if not (last_row_sees_all and first_row_sees_self_only):
-            raise NotImplementedError("NSASelfAttention is causal; attention_mask must be None or causal "
-                                      "(padding and custom masks are not supported)")
+        if last_row_sees_all and first_row_sees_self_only:
+            return None
+        rows = attention_mask.reshape(-1, seq, seq)
+        if rows.shape[0] not in (1, batch):
+            raise ValueError(f"attention_mask must be [1 or {batch}, 1, {seq}, {seq}], got shape "
+                             f"{tuple(attention_mask.shape)}")
+        t = torch.arange(seq, device=rows.device)
+        documents = []
+        for mask in rows:
+            # A document starts where a token may not see the one before it.
+            starts = torch.cat([t[:1], t[1:][mask[t[1:], t[1:] - 1]]])
+            doc = torch.zeros(seq, dtype=torch.long, device=rows.device)
+            doc[starts] = 1
+            doc = doc.cumsum(0)
+            expected = (t[None, :] > t[:, None]) | (doc[None, :] != doc[:, None])
+            if not torch.equal(mask, expected):
+                raise NotImplementedError("NSASelfAttention is causal; attention_mask must be None, causal, or "
+                                          "causal with document resets (padding and custom masks are not supported)")
+            documents.append(torch.cat([starts, t.new_tensor([seq])]))
+        return documents * (batch // len(documents))
+
+    def _check_causal_shard_mask(self, attention_mask: torch.Tensor, seq: int) -> None:
+        """Under CP Megatron slices the mask's query rows per rank: ``[..., seq, full]``, row ``j`` at
+        global position ``p_j``. Causal iff every row sees token 0 and itself and not ``p_j + 1``."""
+        full = seq * torch.distributed.get_world_size(self.cp_group)
+        if attention_mask.shape[-2:] != (seq, full):
+            raise ValueError(f"attention_mask under context parallelism must be [..., {seq}, {full}], "
+                             f"got shape {tuple(attention_mask.shape)}")
+        rows = attention_mask.reshape(-1, seq, full)
+        pos = self._positions(seq, rows.device)
+        j = torch.arange(seq, device=rows.device)
+        has_next = pos + 1 < full
+        causal = (not rows[:, :, 0].any() and not rows[:, j, pos].any()
+                  and bool(rows[:, j[has_next], pos[has_next] + 1].all()))
+        if not causal:
+            raise NotImplementedError("NSASelfAttention under context parallelism is causal; attention_mask must "
+                                      "be None or causal (document resets, padding and custom masks are not "
+                                      "supported)")
 
     def forward(
         self,
@@ -229,8 +266,7 @@ class NSASelfAttention(MegatronModule):
         """``hidden_states [s, b, h]`` (``[s/tp, b, h]`` with sequence parallelism) -> ``(output, bias)``."""
         if key_value_states is not None:
             raise ValueError("NSASelfAttention is self-attention; key_value_states (cross attention) is not supported")
-        cu_seqlens, longest = (None, 0) if packed_seq_params is None else \
-            self._packed_documents(packed_seq_params, hidden_states)
+        packed = None if packed_seq_params is None else self._packed_documents(packed_seq_params, hidden_states)
         if inference_context is not None or inference_params is not None:
             raise NotImplementedError("NSASelfAttention has no KV cache for inference (inference_context)")
         if attention_bias is not None:
@@ -242,18 +278,22 @@ class NSASelfAttention(MegatronModule):
         kv, _ = self.linear_kv(hidden_states)
         gate_logits, _ = self.linear_gate(hidden_states)
         seq, batch = q.shape[:2]
-        if cu_seqlens is None:  # packed documents are masked by their boundaries instead
-            self._check_mask(attention_mask, seq)
+        # Packed documents are masked by their boundaries, whatever mask comes with them.
+        documents = [packed] if packed is not None else self._mask_documents(attention_mask, seq, batch)
         nb, dk = len(BRANCHES), self.head_dim
         q = q.view(seq, batch, self.heads_local, dk).transpose(0, 1)
         kv = kv.view(seq, batch, self.groups_local, nb, 2 * dk).transpose(0, 1)
         branch_kv = [(kv[:, :, :, i, :dk], kv[:, :, :, i, dk:]) for i in range(nb)]
         gate_logits = gate_logits.view(seq, batch, self.heads_local, nb).transpose(0, 1)
-        # Packed: positions restart at every document, as Megatron's rotary does for packed sequences.
-        cos, sin = self._rotary_tables(seq if cu_seqlens is None else longest, rotary_pos_emb, q.device)
-        if cu_seqlens is not None:
-            out = packed_nsa_branches(q, branch_kv, gate_logits, self.compress_k, self.compress_v, cos, sin,
-                                      self.nsa_config, cu_seqlens, self.backend)
+        # With documents, positions restart at every one, as Megatron's rotary does for packed sequences.
+        longest = seq if documents is None else max(b - a for cu in documents for a, b in document_bounds(cu, seq))
+        cos, sin = self._rotary_tables(longest, rotary_pos_emb, q.device)
+        if documents is not None:
+            out = torch.cat([
+                packed_nsa_branches(q[r:r + 1], [(k[r:r + 1], v[r:r + 1]) for k, v in branch_kv],
+                                    gate_logits[r:r + 1], self.compress_k, self.compress_v, cos, sin,
+                                    self.nsa_config, cu, self.backend)
+                for r, cu in enumerate(documents)])
         elif self.cp_group is None:
             out = nsa_branches(q, branch_kv, gate_logits, self.compress_k, self.compress_v, cos, sin,
                                self.nsa_config, self.backend)
