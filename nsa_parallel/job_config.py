@@ -217,7 +217,8 @@ def _check_documents(c: JobConfig) -> None:
                          "Megatron's local attention does not take packed sequences")
     if c.parallel.context_parallel_size > 1:
         raise ValueError(f"data.eod_token does not support parallel.context_parallel_size "
-                         f"({c.parallel.context_parallel_size}) > 1: packed documents run on one rank")
+                         f"({c.parallel.context_parallel_size}) > 1 yet: nsa-train does not pad documents "
+                         "to whole zigzag chunks (the NSA layer itself takes packed documents under CP)")
 
 
 def _check_retrieval_task(c: JobConfig) -> None:

@@ -79,21 +79,46 @@ def packed_nsa_branches(
     config: NSAConfig,
     cu_seqlens: torch.Tensor,
     backend: ops.Backend = "auto",
+    *,
+    cp_group: "torch.distributed.ProcessGroup | None" = None,
+    cp_layout: str = "zigzag",
+    cp_stats: CommStats | None = None,
 ) -> torch.Tensor:
     """:func:`nsa_branches` on a packed row: each document attends only to itself.
 
     ``q [1, T, H, dk]`` etc. hold documents back to back, ``cu_seqlens`` their boundaries.
     Every document is NSA on its own sequence: its blocks, windows and rotary positions start at
-    its first token (``cos``/``sin`` must cover the longest document). Runs document by
-    document, one set of kernel launches each.
+    its first token (``cos``/``sin`` are indexed by position in a document and must cover the
+    longest). Runs document by document, one set of kernel launches each. With ``cp_group``
+    (Megatron's packed context parallelism) the tensors hold this rank's ``cp_layout`` share of
+    every document, documents back to back, ``cu_seqlens`` the global boundaries, and each
+    document runs as a context-parallel sequence; every rank must call it.
     """
     if q.shape[0] != 1:
         raise ValueError(f"a packed sequence is one row: batch must be 1, got {q.shape[0]}")
-    outs = [
-        nsa_branches(q[:, a:b], [(k[:, a:b], v[:, a:b]) for k, v in branch_kv], gate_logits[:, a:b],
-                     compress_k, compress_v, cos, sin, config, backend)
-        for a, b in document_bounds(cu_seqlens, q.shape[1])
-    ]
+    world = 1 if cp_group is None else torch.distributed.get_world_size(cp_group)
+    bounds = document_bounds(cu_seqlens, q.shape[1] * world)
+    layouts = []
+    if cp_group is not None:  # every check before the first collective, so no rank waits alone
+        for i, (a, b) in enumerate(bounds):
+            layout = ShardLayout(cp_layout, world, b - a)
+            try:
+                layout.check_divisible(config.select_block_size)
+            except ValueError as err:
+                raise ValueError(f"document {i} (tokens {a} to {b}) under context parallelism: {err}") from None
+            layouts.append(layout)
+    outs, local = [], 0
+    for i, (a, b) in enumerate(bounds):
+        rows = slice(local, local + (b - a) // world)
+        local = rows.stop
+        args = (q[:, rows], [(k[:, rows], v[:, rows]) for k, v in branch_kv], gate_logits[:, rows], compress_k,
+                compress_v)
+        if cp_group is None:
+            outs.append(nsa_branches(*args, cos, sin, config, backend))
+        else:
+            pos = layouts[i].local_positions(torch.distributed.get_rank(cp_group), q.device)
+            outs.append(context_parallel_nsa_branches(*args, cos[pos], sin[pos], config, cp_group, cp_layout,
+                                                      backend, cp_stats))
     return torch.cat(outs, dim=1)
 
 
@@ -176,7 +201,8 @@ class NativeSparseAttention(nn.Module):
         sequence laid out by ``cp_layout`` (``"contiguous"`` or Megatron's
         ``"zigzag"``); every rank of the group must call forward together.
         With ``cu_seqlens``, ``x [1, T, hidden]`` packs documents back to back
-        (boundaries ``[0, ..., T]``) and each attends only to itself.
+        (boundaries ``[0, ..., T]``) and each attends only to itself; with ``cp_group``
+        too, ``x`` holds this rank's ``cp_layout`` share of every document, back to back.
         """
         if cp_layout not in CP_LAYOUTS:
             raise ValueError(f"cp_layout ({cp_layout!r}) must be one of {CP_LAYOUTS}")
@@ -184,12 +210,11 @@ class NativeSparseAttention(nn.Module):
             raise ValueError(f"x must be [batch, seq, hidden], got shape {tuple(x.shape)}")
         batch, seq = x.shape[:2]
         if cu_seqlens is not None:
-            if cp_group is not None:
-                raise NotImplementedError("packed sequences (cu_seqlens) are not supported under context parallelism")
             if batch != 1:
                 raise ValueError(f"a packed sequence (cu_seqlens) is one row: batch must be 1, got {batch}")
+            world = 1 if cp_group is None else torch.distributed.get_world_size(cp_group)
             # Each document's positions start at 0: the table covers the longest.
-            longest = max((b - a for a, b in document_bounds(cu_seqlens, seq)), default=0)
+            longest = max((b - a for a, b in document_bounds(cu_seqlens, seq * world)), default=0)
             positions = torch.arange(longest, device=x.device)
         elif cp_group is None:
             positions = torch.arange(seq, device=x.device)
@@ -203,7 +228,8 @@ class NativeSparseAttention(nn.Module):
         gate_logits = self.gate_proj(x).view(batch, seq, self.num_heads, len(BRANCHES))
         if cu_seqlens is not None:
             out = packed_nsa_branches(q, self._branch_kv(x), gate_logits, self.compress_k, self.compress_v,
-                                      cos, sin, self.config, cu_seqlens, self.backend)
+                                      cos, sin, self.config, cu_seqlens, self.backend,
+                                      cp_group=cp_group, cp_layout=cp_layout, cp_stats=self.comm_stats)
         elif cp_group is None:
             out = nsa_branches(q, self._branch_kv(x), gate_logits, self.compress_k, self.compress_v,
                                cos, sin, self.config, self.backend)

@@ -86,3 +86,44 @@ def test_cp2_equals_cp1(position_embedding_type):
             torch.testing.assert_close(got["loss"], ref["loss"][:, got["positions"]], rtol=0, atol=1e-9)
             for name, grad in ref["grads"].items():
                 torch.testing.assert_close(got["grads"][name], grad, rtol=1e-9, atol=1e-9, msg=name)
+
+
+DOCS = [0, 64, 64, 128]  # each document splits into 2 x CP chunks of whole selection blocks
+
+
+def _packed_losses_and_grads(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """A packed row of documents; under CP each rank holds its zigzag share of every document."""
+    warnings.filterwarnings("ignore")
+    from megatron.core import parallel_state
+    from test_megatron_layer import _packed
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    parallel_state.initialize_model_parallel(context_parallel_size=world)
+    try:
+        model, vocab = _gpt(world, "rope")
+        tokens, labels = (t[:1] for t in _batch(vocab))
+        positions = torch.cat([a + ShardLayout("zigzag", world, b - a).local_positions(rank)
+                               for a, b in zip(DOCS, DOCS[1:]) if b > a])
+        loss = model(tokens[:, positions], (positions % 64)[None], None, labels=labels[:, positions],
+                     packed_seq_params=_packed(DOCS))
+        loss.sum().backward()
+        grads = {}
+        for name, p in model.named_parameters():
+            grads[name] = p.grad.clone()
+            dist.all_reduce(grads[name], group=parallel_state.get_context_parallel_group())
+        torch.save({"loss": loss.detach(), "positions": positions, "grads": grads},
+                   os.path.join(out_dir, f"cp{world}-rank{rank}.pt"))
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def test_packed_documents_cp2_equal_cp1():
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in (1, 2):
+            mp.spawn(_packed_losses_and_grads, args=(world, os.path.join(tmp, f"init{world}"), tmp), nprocs=world)
+        ref = torch.load(os.path.join(tmp, "cp1-rank0.pt"))
+        for rank in range(2):
+            got = torch.load(os.path.join(tmp, f"cp2-rank{rank}.pt"))
+            torch.testing.assert_close(got["loss"], ref["loss"][:, got["positions"]], rtol=0, atol=1e-9)
+            for name, grad in ref["grads"].items():
+                torch.testing.assert_close(got["grads"][name], grad, rtol=1e-9, atol=1e-9, msg=name)

@@ -246,6 +246,17 @@ def test_packed_sequences_equal_documents_run_alone(rope):
     assert_close(x_packed.grad, x_alone.grad, torch.float64, "input grad")
 
 
+def test_padded_packed_documents_are_exact_on_their_tokens():
+    torch.manual_seed(0)
+    attn = _build_attention(tiny_config(params_dtype=torch.float64, add_bias_linear=False))
+    x = torch.randn(48, 1, 64, dtype=torch.float64)  # documents at [0, 20) and [24, 44), pads after each
+    packed = _packed([0, 20, 40], cu_seqlens_q_padded=torch.tensor([0, 24, 48], dtype=torch.int32),
+                     cu_seqlens_kv_padded=torch.tensor([0, 24, 48], dtype=torch.int32))
+    y, _ = attn(x, None, packed_seq_params=packed)
+    for a, b in ((0, 20), (24, 44)):
+        assert_close(y[a:b], attn(x[a:b], None)[0], torch.float64, f"document at {a}")
+
+
 def test_gpt_with_packed_documents_keeps_them_apart():
     torch.manual_seed(0)
     model = tiny_gpt(tiny_config(), "rope")
@@ -266,8 +277,9 @@ def test_unsupported_packing_raises():
         (NotImplementedError, "qkv_format must be 'thd'", dict(packed_seq_params=_packed([0, 40], qkv_format="sbhd"))),
         (ValueError, "equal cu_seqlens_kv", dict(packed_seq_params=_packed(
             [0, 40], cu_seqlens_kv=torch.tensor([0, 20, 40], dtype=torch.int32)))),
-        (NotImplementedError, "padding between packed documents", dict(packed_seq_params=_packed(
-            [0, 20, 40], cu_seqlens_q_padded=torch.tensor([0, 24, 48], dtype=torch.int32)))),
+        (ValueError, "cu_seqlens_q_padded must equal cu_seqlens_kv_padded", dict(packed_seq_params=_packed(
+            [0, 20, 40], cu_seqlens_q_padded=torch.tensor([0, 20, 40], dtype=torch.int32),
+            cu_seqlens_kv_padded=torch.tensor([0, 24, 40], dtype=torch.int32)))),
         (ValueError, "end at the number of tokens", dict(packed_seq_params=_packed([0, 20, 39]))),
         (NotImplementedError, "must cover all 40 positions", dict(packed_seq_params=_packed([0, 40]),
                                                                    rotary_pos_emb=torch.zeros(30, 1, 1, 16))),

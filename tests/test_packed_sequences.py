@@ -66,9 +66,60 @@ def test_bad_boundaries_raise_before_any_work(cu, message):
         m(x, cu_seqlens=cu)
     with pytest.raises(ValueError, match="batch must be 1"):
         m(torch.randn(2, 157, 64, dtype=torch.float64), cu_seqlens=torch.tensor([0, 157]))
-    with pytest.raises(NotImplementedError, match="context parallelism"):
-        m(x, cu_seqlens=torch.tensor([0, 157]), cp_group=object())
 
 
 def test_document_bounds_skips_empty_documents():
     assert document_bounds(torch.tensor([0, 0, 5, 5, 9]), 9) == [(0, 5), (5, 9)]
+
+
+# --- packed documents under context parallelism (Megatron's THD layout: each document split alone) ---
+
+CP_DOCS = [0, 64, 64, 192, 256]  # document lengths split into 2P chunks of whole selection blocks
+
+
+def _shard_positions(layout: str, world: int, rank: int) -> torch.Tensor:
+    """This rank's tokens: its ``layout`` share of every document, documents back to back."""
+    from nsa_parallel.context_parallel import ShardLayout
+
+    return torch.cat([a + ShardLayout(layout, world, b - a).local_positions(rank)
+                      for a, b in zip(CP_DOCS, CP_DOCS[1:]) if b > a])
+
+
+def _run_packed_cp(rank: int, world: int, init_file: str, layout: str, ref: dict) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = layer("reference", torch.float64)
+        pos = _shard_positions(layout, world, rank)
+        x = ref["x"][:, pos].clone().requires_grad_()
+        out = model(x, cu_seqlens=torch.tensor(CP_DOCS), cp_group=dist.group.WORLD, cp_layout=layout)
+        out.backward(ref["up"][:, pos])
+        torch.testing.assert_close(out, ref["out"][:, pos], rtol=0, atol=1e-9)
+        torch.testing.assert_close(x.grad, ref["grad_x"][:, pos], rtol=0, atol=1e-9)
+        for name, p in model.named_parameters():
+            grad = p.grad.clone()
+            dist.all_reduce(grad)
+            torch.testing.assert_close(grad, ref["grads"][name], rtol=1e-9, atol=1e-9, msg=name)
+        with pytest.raises(ValueError, match=r"document 1 \(tokens 64 to 136\) under context parallelism"):
+            model(x, cu_seqlens=torch.tensor([0, 64, 136, 256]), cp_group=dist.group.WORLD, cp_layout=layout)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_packed_documents_under_context_parallelism_equal_one_rank(layout):
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    model = layer("reference", torch.float64)
+    x = torch.randn(1, CP_DOCS[-1], 64, dtype=torch.float64, requires_grad=True)
+    up = torch.randn_like(x)
+    out = model(x, cu_seqlens=torch.tensor(CP_DOCS))
+    out.backward(up)
+    ref = {"x": x.detach(), "up": up, "out": out.detach(), "grad_x": x.grad,
+           "grads": {n: p.grad for n, p in model.named_parameters()}}
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_run_packed_cp, args=(2, os.path.join(tmp, "init"), layout, ref), nprocs=2)

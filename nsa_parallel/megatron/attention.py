@@ -63,9 +63,10 @@ class NSASelfAttention(MegatronModule):
     always causal. With ``context_parallel_size > 1`` the module runs NSA's own
     context parallelism over Megatron's CP group on Megatron's zigzag layout
     (``cp_comm_type`` is ignored); ``comm_stats`` accumulates the bytes exchanged.
-    Documents, without context parallelism: packed sequences (``packed_seq_params`` in ``thd``
-    format, ``[tokens, 1, hidden]``) or a causal mask with document resets (Megatron-LM's
-    ``--reset-attention-mask``); each document is NSA on its own, positions from 0.
+    Documents: packed sequences (``packed_seq_params`` in ``thd`` format, ``[tokens, 1, hidden]``;
+    under CP each rank holds its zigzag share of every document) or, without CP, a causal mask with
+    document resets (Megatron-LM's ``--reset-attention-mask``); each document is NSA on its own,
+    positions from 0.
     """
 
     CP_LAYOUT = "zigzag"  # how Megatron's batch slicing and rotary embeddings split a sequence
@@ -150,9 +151,13 @@ class NSASelfAttention(MegatronModule):
         layout.check_divisible(self.nsa_config.select_block_size)
         return layout.local_positions(torch.distributed.get_rank(self.cp_group), device)
 
-    def _rotary_tables(self, seq: int, rotary_pos_emb: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rotary_tables(self, seq: int, rotary_pos_emb: Any, device: torch.device,
+                       documents: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of the local tokens, or with ``documents`` of positions ``0 .. seq-1`` in a document
+        (Megatron's table for packed sequences is not sliced per CP rank either)."""
         if rotary_pos_emb is None:
-            return rotary_angles(self._positions(seq, device), self.head_dim, self.rotary_base)
+            positions = torch.arange(seq, device=device) if documents else self._positions(seq, device)
+            return rotary_angles(positions, self.head_dim, self.rotary_base)
         if isinstance(rotary_pos_emb, tuple):
             raise NotImplementedError("NSASelfAttention takes one rotary_pos_emb tensor, not a (q, k) pair")
         if self.config.rotary_interleaved:
@@ -166,30 +171,30 @@ class NSASelfAttention(MegatronModule):
         return freqs.cos(), freqs.sin()
 
     def _packed_documents(self, packed_seq_params: Any, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Document boundaries of a packed (``thd``) batch, checked against what this module supports
-        before any work."""
+        """Document boundaries of a packed (``thd``) batch, checked before any work. With padding
+        (``cu_seqlens_q_padded``) a document runs with the pad tokens after it, which its own
+        tokens never see (causal), so their outputs are exact."""
         qkv_format = getattr(packed_seq_params, "qkv_format", None)
         if qkv_format != "thd":
             raise NotImplementedError(f"packed_seq_params.qkv_format must be 'thd' for NSA, got {qkv_format!r}")
-        if self.cp_group is not None:
-            raise NotImplementedError("NSASelfAttention does not support packed sequences (packed_seq_params) "
-                                      "under context parallelism")
         if hidden_states.shape[1] != 1:
             raise ValueError(f"packed sequences are one row: hidden_states must be [tokens, 1, hidden], "
                              f"got batch {hidden_states.shape[1]}")
-        cu_q, cu_kv = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
-        if cu_q is None or (cu_kv is not None and not torch.equal(cu_q, cu_kv)):
-            raise ValueError("packed_seq_params.cu_seqlens_q must be set and equal cu_seqlens_kv (self-attention)")
-        for name in ("cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
-            padded = getattr(packed_seq_params, name, None)
-            if padded is not None and not torch.equal(padded, cu_q):
-                raise NotImplementedError(f"packed_seq_params.{name} differs from cu_seqlens_q: NSA does not "
-                                          "support padding between packed documents")
+        p = packed_seq_params
+        for q_name, kv_name in (("cu_seqlens_q", "cu_seqlens_kv"), ("cu_seqlens_q_padded", "cu_seqlens_kv_padded")):
+            cu_q, cu_kv = getattr(p, q_name, None), getattr(p, kv_name, None)
+            if cu_q is not None and cu_kv is not None and not torch.equal(cu_q, cu_kv):
+                raise ValueError(f"packed_seq_params.{q_name} must equal {kv_name} (self-attention)")
+        cu = p.cu_seqlens_q_padded if getattr(p, "cu_seqlens_q_padded", None) is not None else p.cu_seqlens_q
+        if cu is None:
+            raise ValueError("packed_seq_params.cu_seqlens_q must be set")
         tokens = hidden_states.shape[0]
         if self.config.sequence_parallel:  # each TP rank holds a slice of the sequence
             tokens *= torch.distributed.get_world_size(self.tp_group)
-        document_bounds(cu_q, tokens)
-        return cu_q
+        if self.cp_group is not None:  # and each CP rank its share of every document
+            tokens *= torch.distributed.get_world_size(self.cp_group)
+        document_bounds(cu, tokens)
+        return cu
 
     def _mask_documents(self, attention_mask: torch.Tensor | None, seq: int, batch: int) -> list[torch.Tensor] | None:
         """``None`` for no mask or a causal one; for a causal mask with document resets (Megatron-LM's
@@ -285,22 +290,26 @@ class NSASelfAttention(MegatronModule):
         kv = kv.view(seq, batch, self.groups_local, nb, 2 * dk).transpose(0, 1)
         branch_kv = [(kv[:, :, :, i, :dk], kv[:, :, :, i, dk:]) for i in range(nb)]
         gate_logits = gate_logits.view(seq, batch, self.heads_local, nb).transpose(0, 1)
-        # With documents, positions restart at every one, as Megatron's rotary does for packed sequences.
-        longest = seq if documents is None else max(b - a for cu in documents for a, b in document_bounds(cu, seq))
-        cos, sin = self._rotary_tables(longest, rotary_pos_emb, q.device)
         if documents is not None:
+            # Positions restart at every document, as Megatron's rotary does for packed sequences.
+            total = seq * (1 if self.cp_group is None else torch.distributed.get_world_size(self.cp_group))
+            longest = max(b - a for cu in documents for a, b in document_bounds(cu, total))
+            cos, sin = self._rotary_tables(longest, rotary_pos_emb, q.device, documents=True)
             out = torch.cat([
                 packed_nsa_branches(q[r:r + 1], [(k[r:r + 1], v[r:r + 1]) for k, v in branch_kv],
                                     gate_logits[r:r + 1], self.compress_k, self.compress_v, cos, sin,
-                                    self.nsa_config, cu, self.backend)
+                                    self.nsa_config, cu, self.backend, cp_group=self.cp_group,
+                                    cp_layout=self.CP_LAYOUT, cp_stats=self.comm_stats)
                 for r, cu in enumerate(documents)])
-        elif self.cp_group is None:
-            out = nsa_branches(q, branch_kv, gate_logits, self.compress_k, self.compress_v, cos, sin,
-                               self.nsa_config, self.backend)
         else:
-            out = context_parallel_nsa_branches(
-                q, branch_kv, gate_logits, self.compress_k, self.compress_v, cos, sin, self.nsa_config,
-                self.cp_group, self.CP_LAYOUT, self.backend, self.comm_stats)
+            cos, sin = self._rotary_tables(seq, rotary_pos_emb, q.device)
+            if self.cp_group is None:
+                out = nsa_branches(q, branch_kv, gate_logits, self.compress_k, self.compress_v, cos, sin,
+                                   self.nsa_config, self.backend)
+            else:
+                out = context_parallel_nsa_branches(
+                    q, branch_kv, gate_logits, self.compress_k, self.compress_v, cos, sin, self.nsa_config,
+                    self.cp_group, self.CP_LAYOUT, self.backend, self.comm_stats)
         out = out.transpose(0, 1).reshape(seq, batch, self.heads_local * dk)
         return self.linear_proj(out)  # row-parallel: reduce(-scatter under SP), bias returned apart
 
