@@ -206,7 +206,7 @@ def validate(c: JobConfig) -> None:
 
 
 def _check_documents(c: JobConfig) -> None:
-    """Document boundaries need a corpus with documents, NSA's attention and one CP rank."""
+    """Document boundaries need a corpus with documents and NSA's attention."""
     eod = c.data.eod_token
     if not 0 <= eod < c.model.vocab_size:
         raise ValueError(f"data.eod_token ({eod}) must be a token id in [0, model.vocab_size ({c.model.vocab_size}))")
@@ -215,10 +215,6 @@ def _check_documents(c: JobConfig) -> None:
     if c.model.attention != "nsa":
         raise ValueError(f"data.eod_token needs model.attention=nsa (got {c.model.attention!r}): "
                          "Megatron's local attention does not take packed sequences")
-    if c.parallel.context_parallel_size > 1:
-        raise ValueError(f"data.eod_token does not support parallel.context_parallel_size "
-                         f"({c.parallel.context_parallel_size}) > 1 yet: nsa-train does not pad documents "
-                         "to whole zigzag chunks (the NSA layer itself takes packed documents under CP)")
 
 
 def _check_retrieval_task(c: JobConfig) -> None:

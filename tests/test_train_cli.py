@@ -89,3 +89,27 @@ def test_no_ray_trains_on_megatron_gpt_dataset(tmp_path, eod):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert (out / "data_cache").is_dir()  # GPTDataset's index cache
     assert f"checkpoints:      {out / 'checkpoints'} (latest: step_00000002)" in run.stdout
+
+
+def test_packed_documents_train_alike_at_cp1_and_cp2(tmp_path):
+    """data.eod_token under context parallelism: every document padded to whole zigzag chunks and
+    split on its own; the losses equal one rank's (to float32 summation order)."""
+    pytest.importorskip("megatron.core")
+    prefix = tmp_path / "corpus"
+    _indexed_dataset(prefix, vocab=64, eod=63)
+    common = ["--config", TINY, "--no-ray", f"data.path={prefix}", "data.eod_token=63", "train.max_steps=2",
+              "train.checkpoint_interval=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {
+        1: [sys.executable, "-m", "nsa_parallel.train", *common, "parallel.context_parallel_size=1",
+            "launch.num_workers=1", f"train.output_dir={tmp_path / 'cp1'}"],
+        2: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "nsa_parallel.train", *common, f"train.output_dir={tmp_path / 'cp2'}"],
+    }
+    losses = {}
+    for cp, cmd in runs.items():
+        run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600, env=env)
+        assert run.returncode == 0, run.stdout + run.stderr
+        metrics = (tmp_path / f"cp{cp}" / "metrics.jsonl").read_text().splitlines()
+        losses[cp] = [json.loads(line)["loss"] for line in metrics]
+    assert len(losses[1]) == 2 and losses[2] == pytest.approx(losses[1], rel=1e-5)

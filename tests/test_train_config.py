@@ -31,7 +31,6 @@ def test_defaults_of_the_trainer_fields():
     (["data.eod_token=64", "data.path=/p", "parallel.context_parallel_size=1"],
      "data.eod_token (64) must be a token id in [0, model.vocab_size (64))"),
     (["data.eod_token=3", "parallel.context_parallel_size=1"], "data.eod_token needs data.path"),
-    (["data.eod_token=3", "data.path=/p"], "data.eod_token does not support parallel.context_parallel_size (2)"),
     (["data.eod_token=3", "data.path=/p", "parallel.context_parallel_size=1", "model.attention=full",
       "launch.gpus_per_worker=1", "train.precision=bf16"], "data.eod_token needs model.attention=nsa"),
 ])

@@ -106,6 +106,25 @@ def test_pack_documents_cuts_at_eod_and_row_ends():
     assert packed["loss_mask"].shape == (1, 12)
 
 
+def test_pack_documents_under_context_parallelism_pads_and_splits_each_document():
+    eod, block = 9, 2  # documents padded to 2 x CP x 2 = multiples of 8 tokens
+    tokens = torch.tensor([[1, 2, eod, 3, 4, 5, 6, 7, 8, 1, 2, eod]])
+    batch = {"tokens": tokens, "labels": tokens + 1, "loss_mask": torch.ones(1, 12),
+             "position_ids": torch.arange(12)[None]}
+    shards = [pack_documents(batch, eod, 2, rank, block) for rank in range(2)]
+    for shard in shards:
+        assert shard["cu_seqlens"].tolist() == [0, 8, 24]  # 3 tokens -> 8, 9 tokens -> 16
+    # Each rank: chunks r and 3 - r of every padded document, documents back to back.
+    assert shards[0]["position_ids"].tolist() == [[0, 1, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15]]
+    assert shards[1]["position_ids"].tolist() == [[2, 3, 4, 5, 4, 5, 6, 7, 8, 9, 10, 11]]
+    assert shards[0]["tokens"].tolist() == [[1, 2, eod, eod, 3, 4, 5, 6, eod, eod, eod, eod]]
+    assert shards[1]["tokens"].tolist() == [[eod, eod, eod, eod, 7, 8, 1, 2, eod, eod, eod, eod]]
+    assert shards[0]["loss_mask"].tolist() == [[1, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0]]
+    assert shards[1]["loss_mask"].tolist() == [[1, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0]]
+    kept = sorted(t for s in shards for t, m in zip(s["labels"][0].tolist(), s["loss_mask"][0].tolist()) if m)
+    assert kept == sorted((tokens + 1)[0].tolist())  # every real token keeps its label, once
+
+
 def test_learning_rate_warms_up_then_decays_to_min_lr():
     t = load_job_config(TINY, ["train.max_steps=100", "train.warmup_steps=10", "train.lr=1e-3",
                                "train.min_lr=1e-4"]).train

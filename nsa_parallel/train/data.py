@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from ..context_parallel import ShardLayout
 from ..job_config import JobConfig
 from .context_parallel import zigzag_slice
 
@@ -104,21 +105,38 @@ def token_source(config: JobConfig, cache_dir: Path) -> TokenSource:
     return IndexedDataset(config, t.max_steps * t.global_batch_size, cache_dir)
 
 
-def pack_documents(batch: dict[str, torch.Tensor], eod_token: int) -> dict[str, torch.Tensor]:
-    """A micro-batch ``[b, s]`` as one row ``[1, b*s]`` of documents, each ending at ``eod_token``
-    (inclusive) or at its row's end: ``cu_seqlens`` holds the boundaries, ``position_ids``
-    restart at every document. Labels and loss masks are unchanged, as Megatron's
-    ``reset_attention_mask`` leaves them."""
+def pack_documents(batch: dict[str, torch.Tensor], eod_token: int, cp_size: int = 1, cp_rank: int = 0,
+                   select_block_size: int = 1) -> dict[str, torch.Tensor]:
+    """A micro-batch ``[b, s]`` as one row of documents, each ending at ``eod_token`` (inclusive)
+    or at its row's end: ``cu_seqlens`` holds the boundaries, ``position_ids`` restart at every
+    document. Labels and loss masks travel with their tokens, as Megatron's
+    ``reset_attention_mask`` leaves them.
+
+    Under context parallelism (Megatron's THD layout) every document is padded at its end to
+    ``2 x cp_size`` chunks of whole selection blocks (pads carry no loss, and the document's own
+    tokens never see them) and this rank keeps its zigzag share of each, documents back to back;
+    ``cu_seqlens`` are the padded global boundaries, alike on every rank.
+    """
     rows, seq = batch["tokens"].shape
-    tokens = batch["tokens"].reshape(1, -1)
-    after_eod = (tokens[0] == eod_token).nonzero().flatten() + 1
-    row_ends = torch.arange(0, rows * seq + 1, seq)
-    cu_seqlens = torch.cat([row_ends, after_eod]).unique()  # sorted; an EOD at a row's end adds nothing
-    starts = torch.zeros(rows * seq, dtype=torch.long)
-    starts[cu_seqlens[:-1]] = cu_seqlens[:-1]
-    position_ids = torch.arange(rows * seq) - starts.cummax(0).values
-    packed = {key: value.reshape(1, -1) for key, value in batch.items() if key != "position_ids"}
-    return {**packed, "position_ids": position_ids[None], "cu_seqlens": cu_seqlens.to(torch.int32)}
+    flat = {key: value.reshape(-1) for key, value in batch.items() if key != "position_ids"}
+    ends = (flat["tokens"] == eod_token).nonzero().flatten() + 1
+    ends = torch.cat([ends, torch.arange(seq, rows * seq + 1, seq)]).unique().tolist()
+    unit = 2 * cp_size * select_block_size if cp_size > 1 else 1
+    fill = {key: 0 if key == "loss_mask" else eod_token for key in flat}
+    pieces = {key: [] for key in flat}
+    positions, cu_seqlens = [], [0]
+    for start, end in zip([0] + ends[:-1], ends):
+        padded = -(-(end - start) // unit) * unit
+        mine = (torch.arange(padded) if cp_size == 1
+                else ShardLayout("zigzag", cp_size, padded).local_positions(cp_rank))
+        for key, value in flat.items():
+            doc = torch.cat([value[start:end], value.new_full((padded - (end - start),), fill[key])])
+            pieces[key].append(doc[mine])
+        positions.append(mine)
+        cu_seqlens.append(cu_seqlens[-1] + padded)
+    packed = {key: torch.cat(parts)[None] for key, parts in pieces.items()}
+    return {**packed, "position_ids": torch.cat(positions)[None],
+            "cu_seqlens": torch.tensor(cu_seqlens, dtype=torch.int32)}
 
 
 def step_microbatches(source: TokenSource, consumed_samples: int, config: JobConfig, dp_rank: int, dp_size: int,
@@ -128,7 +146,8 @@ def step_microbatches(source: TokenSource, consumed_samples: int, config: JobCon
     Micro-batch ``m`` of data-parallel rank ``d`` holds global samples
     ``consumed + (m * dp_size + d) * mbs + [0, mbs)``; each tensor is cut to this
     context-parallel rank's zigzag share of the sequence, ``position_ids`` included. With
-    ``data.eod_token`` each micro-batch is packed into one row of documents (:func:`pack_documents`).
+    ``data.eod_token`` each micro-batch is one row of documents, each cut per rank on its own
+    (:func:`pack_documents`).
     """
     mbs = config.train.micro_batch_size
     micro_batches = config.train.global_batch_size // (mbs * dp_size)
@@ -138,8 +157,9 @@ def step_microbatches(source: TokenSource, consumed_samples: int, config: JobCon
         samples = [source[i] for i in range(first, first + mbs)]
         batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
         batch["position_ids"] = torch.arange(config.train.seq_length).expand(mbs, -1)
-        if config.data.eod_token is not None:  # validated: one CP rank, so the slice below keeps all
-            batch = pack_documents(batch, config.data.eod_token)
-        out.append({key: zigzag_slice(value, cp_size, cp_rank).to(device, non_blocking=True)
-                    for key, value in batch.items()})
+        if config.data.eod_token is None:
+            batch = {key: zigzag_slice(value, cp_size, cp_rank) for key, value in batch.items()}
+        else:
+            batch = pack_documents(batch, config.data.eod_token, cp_size, cp_rank, config.nsa.select_block_size)
+        out.append({key: value.to(device, non_blocking=True) for key, value in batch.items()})
     return out
