@@ -168,10 +168,8 @@ def validate(c: JobConfig) -> None:
         raise ValueError("train.precision (bf16) needs GPUs: set launch.gpus_per_worker=1 or train.precision=fp32")
     if m.attention not in ATTENTIONS:
         raise ValueError(f"model.attention ({m.attention!r}) must be one of {ATTENTIONS}")
-    if m.attention == "full" and lc.gpus_per_worker == 0:
-        raise ValueError("model.attention=full (Megatron's attention) needs GPUs: set launch.gpus_per_worker=1")
     if m.attention == "full" and p.context_parallel_size > 1:
-        raise ValueError("model.attention=full (Megatron's local attention) does not support "
+        raise ValueError("model.attention=full (torch SDPA as Megatron's core attention) does not support "
                          f"parallel.context_parallel_size ({p.context_parallel_size}) > 1")
     if m.num_attention_heads % m.num_query_groups:
         raise ValueError(f"model.num_attention_heads ({m.num_attention_heads}) must be a multiple of "
@@ -214,7 +212,7 @@ def _check_documents(c: JobConfig) -> None:
         raise ValueError("data.eod_token needs data.path: the built-in retrieval task has no documents")
     if c.model.attention != "nsa":
         raise ValueError(f"data.eod_token needs model.attention=nsa (got {c.model.attention!r}): "
-                         "Megatron's local attention does not take packed sequences")
+                         "the full-attention baseline (SDPA, causal per row) does not take packed sequences")
 
 
 def _check_retrieval_task(c: JobConfig) -> None:

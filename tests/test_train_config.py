@@ -17,9 +17,9 @@ def test_defaults_of_the_trainer_fields():
     (["launch.gpus_per_worker=2"], "launch.gpus_per_worker (2) must be 0 (CPU) or 1"),
     (["train.precision=bf16"], "train.precision (bf16) needs GPUs"),
     (["model.attention=dense"], "model.attention ('dense') must be one of"),
-    (["model.attention=full"], "model.attention=full (Megatron's attention) needs GPUs"),
-    (["model.attention=full", "launch.gpus_per_worker=1", "train.precision=bf16"],
-     "model.attention=full (Megatron's local attention) does not support parallel.context_parallel_size (2)"),
+    (["model.attention=full"],
+     "model.attention=full (torch SDPA as Megatron's core attention) does not support "
+     "parallel.context_parallel_size (2)"),
     (["model.vocab_size=63", "data.num_pairs=4", "parallel.tensor_model_parallel_size=2",
       "parallel.context_parallel_size=1"], "model.vocab_size (63) must be divisible by"),
     (["data.num_pairs=40"], "data.num_pairs (40) needs model.vocab_size >= 81"),
@@ -31,13 +31,18 @@ def test_defaults_of_the_trainer_fields():
     (["data.eod_token=64", "data.path=/p", "parallel.context_parallel_size=1"],
      "data.eod_token (64) must be a token id in [0, model.vocab_size (64))"),
     (["data.eod_token=3", "parallel.context_parallel_size=1"], "data.eod_token needs data.path"),
-    (["data.eod_token=3", "data.path=/p", "parallel.context_parallel_size=1", "model.attention=full",
-      "launch.gpus_per_worker=1", "train.precision=bf16"], "data.eod_token needs model.attention=nsa"),
+    (["data.eod_token=3", "data.path=/p", "parallel.context_parallel_size=1", "model.attention=full"],
+     "data.eod_token needs model.attention=nsa"),
 ])
 def test_bad_trainer_values_name_the_key(overrides, message):
     with pytest.raises(ValueError) as err:
         load_job_config(TINY, overrides)
     assert message in str(err.value)
+
+
+def test_full_attention_runs_on_the_cpu_without_context_parallelism():
+    c = load_job_config(TINY, ["model.attention=full", "parallel.context_parallel_size=1"])
+    assert (c.model.attention, c.launch.gpus_per_worker) == ("full", 0)
 
 
 def test_one_gpu_16k_config_compares_nsa_with_full_attention():

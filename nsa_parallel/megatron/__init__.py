@@ -1,6 +1,9 @@
-"""Megatron-core integration: NSA self-attention and GPT layer/block specs (needs ``megatron-core``)."""
+"""Megatron-core integration: NSA self-attention, the SDPA full-attention baseline, GPT layer/block specs
+(needs ``megatron-core``)."""
 from .attention import NSASelfAttention, NSASelfAttentionSubmodules
-from .specs import get_gpt_decoder_block_nsa_spec, get_gpt_layer_nsa_spec
+from .cpu_rotary import CPURotaryEmbedding
+from .sdpa_attention import SDPACoreAttention, choose_backend
+from .specs import get_gpt_decoder_block_nsa_spec, get_gpt_layer_nsa_spec, get_gpt_layer_sdpa_spec
 
-__all__ = ["NSASelfAttention", "NSASelfAttentionSubmodules", "get_gpt_decoder_block_nsa_spec",
-           "get_gpt_layer_nsa_spec"]
+__all__ = ["CPURotaryEmbedding", "NSASelfAttention", "NSASelfAttentionSubmodules", "SDPACoreAttention",
+           "choose_backend", "get_gpt_decoder_block_nsa_spec", "get_gpt_layer_nsa_spec", "get_gpt_layer_sdpa_spec"]

@@ -1,4 +1,4 @@
-"""Megatron-core layer and block specs whose self-attention is NSA.
+"""Megatron-core layer and block specs whose self-attention is NSA, or torch's fused SDPA (the baseline).
 
 Everything but attention comes from Megatron's own GPT specs
 (``get_gpt_layer_local_spec`` / ``get_gpt_layer_with_transformer_engine_spec``),
@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from .. import ops
 from ..config import NSAConfig
 from .attention import NSASelfAttention, NSASelfAttentionSubmodules
+from .sdpa_attention import SDPACoreAttention
 
 
 def _nsa_attention_spec(nsa_config: NSAConfig | None, backend: ops.Backend, rotary_base: float,
@@ -106,3 +107,19 @@ def get_gpt_decoder_block_nsa_spec(
     layers = [nsa if flag else dense for flag in nsa_layers]
     layers = layers[offset:offset + get_num_layers_to_build(config)]
     return TransformerBlockSubmodules(layer_specs=layers, layer_norm=nsa.submodules.input_layernorm)
+
+
+def get_gpt_layer_sdpa_spec(**kwargs: Any) -> ModuleSpec:
+    """Megatron's ``get_gpt_layer_local_spec(**kwargs)`` with :class:`SDPACoreAttention` as the
+    self-attention's ``core_attention``: norms, QKV and output projections, rotary and MLP stay Megatron's,
+    so full attention and NSA differ only in attention."""
+    if kwargs.get("multi_latent_attention"):
+        raise ValueError("multi_latent_attention cannot be combined with SDPACoreAttention (its key and value "
+                         "head dims differ)")
+    local = gpt_layer_specs.get_gpt_layer_local_spec(**kwargs)
+    attention = local.submodules.self_attention
+    # Megatron calls core_attention(config=..., layer_number=..., ...) directly: a class, not a ModuleSpec.
+    attention = dataclasses.replace(
+        attention, submodules=dataclasses.replace(attention.submodules, core_attention=SDPACoreAttention))
+    return ModuleSpec(module=local.module, params=dict(local.params),
+                      submodules=dataclasses.replace(local.submodules, self_attention=attention))

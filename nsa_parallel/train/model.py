@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.models.gpt import GPTModel, gpt_layer_specs
+from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..job_config import JobConfig
-from ..megatron import get_gpt_layer_nsa_spec
+from ..megatron import CPURotaryEmbedding, get_gpt_layer_nsa_spec, get_gpt_layer_sdpa_spec
 
 
 def init_model_parallel(config: JobConfig, device: torch.device) -> None:
@@ -46,20 +46,24 @@ def transformer_config(config: JobConfig, device: torch.device) -> TransformerCo
 
 
 def layer_spec(config: JobConfig) -> ModuleSpec:
-    """NSA's layer spec, or Megatron's own (Transformer Engine's when installed) for ``attention=full``."""
+    """NSA's layer spec, or for ``attention=full`` Megatron's local spec with torch's fused SDPA as core
+    attention (the same norms and linear layers as NSA's spec, on the CPU and GPUs alike)."""
     if config.model.attention == "nsa":
         return get_gpt_layer_nsa_spec(config.nsa_config, rotary_base=config.model.rotary_base)
-    if gpt_layer_specs.HAVE_TE:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec()
+    return get_gpt_layer_sdpa_spec()
 
 
 def build_model(config: JobConfig, device: torch.device) -> GPTModel:
-    """The GPT model on ``device``: Megatron's rotary on GPU; NSA's own on CPU, where Megatron's
-    rotary table insists on CUDA (``position_embedding_type="none"``)."""
-    rope = device.type == "cuda"
+    """The GPT model on ``device``, with Megatron's rotary embedding for either attention; on the CPU
+    its table stays on the CPU (:class:`CPURotaryEmbedding`), where Megatron's would move it to CUDA."""
+    tc = transformer_config(config, device)
+    rotary_base = int(config.model.rotary_base)
     model = GPTModel(
-        config=transformer_config(config, device), transformer_layer_spec=layer_spec(config),
-        vocab_size=config.model.vocab_size, max_sequence_length=config.train.seq_length,
-        position_embedding_type="rope" if rope else "none", rotary_base=int(config.model.rotary_base))
+        config=tc, transformer_layer_spec=layer_spec(config), vocab_size=config.model.vocab_size,
+        max_sequence_length=config.train.seq_length, position_embedding_type="rope", rotary_base=rotary_base)
+    if device.type == "cpu":
+        # The arguments GPTModel gave Megatron's (rotary_percent 1, no scaling): no weights to carry over.
+        model.rotary_pos_emb = CPURotaryEmbedding(
+            kv_channels=tc.kv_channels, rotary_percent=1.0, rotary_interleaved=tc.rotary_interleaved,
+            rotary_base=rotary_base, use_cpu_initialization=True, cp_group=model.rotary_pos_emb.cp_group)
     return model.to(device)
