@@ -7,6 +7,7 @@ any worker starts.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
@@ -68,7 +69,10 @@ class TrainSection:
 @dataclass
 class DataSection:
     path: Optional[str] = None  # Megatron indexed dataset prefix; None: the built-in retrieval task
-    num_pairs: int = 32  # retrieval task: key-value pairs spread through each sequence, all queried at its end
+    num_pairs: int = 32  # retrieval and MQAR: key-value pairs spread through each sequence, all queried at its end
+    # Task -> weight: each sample is one task, drawn in proportion (lm: the text, passkey, mqar; see
+    # nsa_parallel.train.tasks), with data.path as the corpus. Empty: data.path's text as it is.
+    mix: dict[str, float] = field(default_factory=dict)
     # Token id that ends a document: each document then attends only to itself (packed sequences,
     # positions from 0 per document). None: sequences run across documents.
     eod_token: Optional[int] = None
@@ -195,6 +199,8 @@ def validate(c: JobConfig) -> None:
                          f"parallel.context_parallel_size x nsa.select_block_size ({chunk})")
     if c.data.path is None:
         _check_retrieval_task(c)
+    if c.data.mix:
+        _check_task_mix(c)
     if c.data.eod_token is not None:
         _check_documents(c)
     per_step = t.micro_batch_size * c.data_parallel_size
@@ -213,6 +219,26 @@ def _check_documents(c: JobConfig) -> None:
     if c.model.attention != "nsa":
         raise ValueError(f"data.eod_token needs model.attention=nsa (got {c.model.attention!r}): "
                          "the full-attention baseline (SDPA, causal per row) does not take packed sequences")
+
+
+def _check_task_mix(c: JobConfig) -> None:
+    """Known tasks, usable weights, a corpus; what depends on the corpus is checked when it is opened."""
+    from .train.tasks import TASKS  # noqa: PLC0415 (train imports this module)
+
+    d = c.data
+    for name, weight in d.mix.items():
+        if name not in TASKS:
+            raise ValueError(f"data.mix.{name}: unknown task; the tasks are {TASKS}")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"data.mix.{name} ({weight}) must be a finite weight >= 0")
+    if sum(d.mix.values()) <= 0:
+        raise ValueError("data.mix: at least one task needs a positive weight")
+    if d.path is None:
+        raise ValueError("data.mix needs data.path: the corpus the tasks' text comes from")
+    if d.eod_token is not None:
+        raise ValueError("data.mix and data.eod_token cannot be combined: task samples are single documents")
+    if d.num_pairs <= 0:
+        raise ValueError(f"data.num_pairs ({d.num_pairs}) must be positive")
 
 
 def _check_retrieval_task(c: JobConfig) -> None:

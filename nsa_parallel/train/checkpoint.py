@@ -122,3 +122,10 @@ def load_checkpoint(path: Path, template: ShardedStateDict) -> dict[str, Any]:
 def load_common(path: Path) -> dict[str, Any]:
     """The checkpoint's plain (non-sharded) values, e.g. its step."""
     return dist_checkpointing.load_common_state_dict(str(path))
+
+
+def checkpoint_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The global shape of every tensor in checkpoint ``path``, from its metadata alone."""
+    with _gloo_safe_dist_checkpointing():
+        metadata = dist_checkpointing.load_tensors_metadata(str(path))
+    return {key: tuple(tensor.global_shape) for key, tensor in metadata.items()}

@@ -1,12 +1,12 @@
-"""Training data: the built-in long-context retrieval task, or Megatron's ``GPTDataset``.
+"""Training data: the built-in long-context retrieval task, a mix of quality tasks over a corpus
+(:mod:`~nsa_parallel.train.tasks`), or Megatron's ``GPTDataset``.
 
-Both serve sample ``i`` as ``tokens``, ``labels`` and ``loss_mask`` of ``seq_length``
+All serve sample ``i`` as ``tokens``, ``labels`` and ``loss_mask`` of ``seq_length``
 tokens. A sample depends only on the seed and ``i``, and a step's samples only on how
 many came before it, so a resumed run trains on exactly what an uninterrupted one would.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Protocol
 
@@ -15,6 +15,7 @@ import torch
 from ..context_parallel import ShardLayout
 from ..job_config import JobConfig
 from .context_parallel import zigzag_slice
+from .tasks import TRAINING_KEYS, AssociativeRecall, Corpus, TaskMix, corpus_tasks, sample_generator
 
 QUERY_TOKEN = 0
 
@@ -24,42 +25,28 @@ class TokenSource(Protocol):
 
 
 class RetrievalTask:
-    """Key-value pairs spread through a long sequence, every key asked for at its end.
+    """The built-in task (no data needed): MQAR over noise, every key asked for at the end.
 
     Token ids: ``0`` starts a query; keys are ``[1, 1 + n)`` and values ``[1 + n, 1 + 2n)``
-    with ``n = (vocab_size - 1) // 2``. The sequence is noise drawn from the values, with
-    pair ``i`` (a key, then its value) at a random place in the ``i``-th of ``num_pairs``
-    equal stretches. The last ``3 * num_pairs`` tokens ask for every key once, in random
-    order, as ``0 key value``. Only the answers carry loss: guessing a value gives
-    ``log n``; going below that means the model found the pair, up to a whole sequence back.
+    with ``n = (vocab_size - 1) // 2``; the filler is noise drawn from the values (see
+    :class:`~nsa_parallel.train.tasks.AssociativeRecall`). Guessing a value gives ``log n``;
+    going below that means the model found the pair, up to a whole sequence back.
     """
 
     def __init__(self, vocab_size: int, seq_length: int, num_pairs: int, seed: int):
-        self.num_ids = (vocab_size - 1) // 2
-        self.seq_length, self.num_pairs, self.seed = seq_length, num_pairs, seed
-        self.haystack = seq_length + 1 - 3 * num_pairs  # one extra token: labels are tokens shifted by one
-        self.stretch = self.haystack // num_pairs
-        if self.num_ids < num_pairs or self.stretch < 2:
+        if (vocab_size - 1) // 2 < num_pairs or seq_length < 5 * num_pairs - 1:
             raise ValueError(f"{num_pairs} pairs do not fit vocab_size {vocab_size} and seq_length {seq_length}")
+        self.recall = AssociativeRecall(QUERY_TOKEN, (vocab_size - 1) // 2, num_pairs)
+        self.seq_length, self.seed = seq_length, seed
 
     @property
     def guessing_loss(self) -> float:
         """The loss of a model that knows the answer is a value but not which: ``log n``."""
-        return math.log(self.num_ids)
+        return self.recall.guessing_loss
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        n, pairs = self.num_ids, self.num_pairs
-        keys = torch.randperm(n, generator=g)[:pairs] + 1
-        values = torch.randint(0, n, (pairs,), generator=g) + 1 + n
-        text = torch.randint(0, n, (self.seq_length + 1,), generator=g) + 1 + n
-        where = torch.arange(pairs) * self.stretch + torch.randint(0, self.stretch - 1, (pairs,), generator=g)
-        text[where], text[where + 1] = keys, values
-        order = torch.randperm(pairs, generator=g)
-        text[self.haystack:] = torch.stack([torch.full((pairs,), QUERY_TOKEN), keys[order], values[order]], 1).flatten()
-        loss_mask = torch.zeros(self.seq_length)
-        loss_mask[self.haystack + 1::3] = 1.0  # the query's key: its label is the value
-        return {"tokens": text[:-1], "labels": text[1:], "loss_mask": loss_mask}
+        sample = self.recall.sample(self.seq_length, sample_generator(self.seed, index), "train")
+        return {key: sample[key] for key in TRAINING_KEYS}
 
 
 class _TokenIds:
@@ -97,11 +84,22 @@ class IndexedDataset:
         return {key: sample[key] for key in ("tokens", "labels", "loss_mask")}
 
 
+def task_mix(config: JobConfig) -> TaskMix:
+    """``data.mix`` over the corpus ``data.path``; errors name the keys."""
+    d = config.data
+    names = tuple(name for name, weight in d.mix.items() if weight > 0)
+    tasks = corpus_tasks(Corpus(d.path), config.model.vocab_size, d.num_pairs, names)
+    return TaskMix(tasks, d.mix, config.train.seq_length, config.train.seed)
+
+
 def token_source(config: JobConfig, cache_dir: Path) -> TokenSource:
-    """The data ``config`` asks for: ``data.path``'s indexed dataset, else the retrieval task."""
-    t = config.train
-    if config.data.path is None:
-        return RetrievalTask(config.model.vocab_size, t.seq_length, config.data.num_pairs, t.seed)
+    """The data ``config`` asks for: the task mix ``data.mix`` over ``data.path``'s text, or that text
+    alone (Megatron's ``GPTDataset``), or without ``data.path`` the built-in retrieval task."""
+    t, d = config.train, config.data
+    if d.path is None:
+        return RetrievalTask(config.model.vocab_size, t.seq_length, d.num_pairs, t.seed)
+    if d.mix:
+        return task_mix(config)
     return IndexedDataset(config, t.max_steps * t.global_batch_size, cache_dir)
 
 

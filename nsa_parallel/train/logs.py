@@ -15,8 +15,9 @@ QUIET_WARNINGS = (
     ("`load_state_dict` is deprecated", FutureWarning),
     ("Please use DTensor instead", FutureWarning),
 )
-# Megatron's FSDP package logs at import which backend it would use; nsa-train does not use FSDP.
-QUIET_LOGGERS = ("megatron.core.distributed.fsdp",)
+# Megatron's FSDP package logs at import which backend it would use (nsa-train does not use FSDP);
+# its indexed dataset reader logs every step of opening a corpus.
+QUIET_LOGGERS = ("megatron.core.distributed.fsdp", "megatron.core.datasets.indexed_dataset")
 
 
 def quiet_libraries() -> None:

@@ -18,3 +18,6 @@ def check_job(config: JobConfig) -> None:
             if not Path(path + suffix).is_file():
                 raise ValueError(f"data.path ({path}): {path}{suffix} does not exist (data.path is the prefix "
                                  "of a Megatron indexed dataset, without .bin/.idx)")
+        if config.data.mix:
+            from .data import task_mix
+            task_mix(config)  # opens the corpus: its ids against model.vocab_size, each task's room

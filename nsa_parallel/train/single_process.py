@@ -6,8 +6,10 @@ GPU image with megatron-core on the path).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -38,15 +40,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_single_process(config: JobConfig) -> None:
-    on_gpu = config.launch.gpus_per_worker > 0
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu else torch.device("cpu")
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[None]:
+    """``torch.distributed`` for this process: torchrun's world when it started us, else a world of one."""
     if "WORLD_SIZE" in os.environ:
         init = {"init_method": "env://"}
     else:
         init = {"init_method": f"tcp://127.0.0.1:{_free_port()}", "rank": 0, "world_size": 1}
-    dist.init_process_group("nccl" if on_gpu else "gloo", **init)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **init)
     try:
-        train(config, device)
+        yield
     finally:
         dist.destroy_process_group()
+
+
+def run_single_process(config: JobConfig) -> None:
+    on_gpu = config.launch.gpus_per_worker > 0
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu else torch.device("cpu")
+    with process_group(device):
+        train(config, device)

@@ -1,0 +1,177 @@
+"""``nsa-eval --run DIR [--run DIR ...] --out DIR``: scores trained runs on the quality tasks.
+
+For each run (a ``train.output_dir`` that ``nsa-train`` wrote) it loads the latest checkpoint
+with the config saved beside it, then scores, on text training never saw: the held-out loss
+(bits per byte on a byte corpus) at the training length, and passkey and MQAR accuracy for every
+context length in ``--seq-lens`` and depth in ``--depths`` (exact match under teacher forcing).
+It writes ``eval.json`` and PNGs: a heat map per task (one panel per run) and the runs' training
+loss curves. ``--merge A/eval.json B/eval.json`` combines evaluations made apart (e.g. one per
+GPU job) into one ``eval.json`` and its plots, evaluating nothing. Every run directory, checkpoint
+and config is checked before any model is built: a problem is an error naming the file (exit 2).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from ..train.logs import configure_console
+from .errors import RunError
+
+log = logging.getLogger("nsa_parallel.eval")
+TASKS = ("lm", "passkey", "mqar")
+
+
+def _numbers(kind: type):
+    def parse(text: str) -> list:
+        try:
+            return [kind(x) for x in text.split(",") if x]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}") from None
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nsa-eval", description="Scores nsa-train runs on held-out loss, passkey "
+                                "retrieval and MQAR by context length and depth.")
+    p.add_argument("--run", type=Path, action="append", default=[], help="a run directory (repeatable)")
+    p.add_argument("--merge", type=Path, nargs="+", default=[], help="eval.json files to combine instead")
+    p.add_argument("--out", type=Path, required=True, help="where eval.json and the PNGs go")
+    p.add_argument("--seq-lens", type=_numbers(int), help="context lengths (default: the first run's training "
+                   "length, half and twice it)")
+    p.add_argument("--depths", type=_numbers(float), default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="where the answer sits, 0 (start) to 1 (end) (default: 0,0.25,0.5,0.75,1)")
+    p.add_argument("--samples", type=int, default=8, help="samples per length and depth (MQAR: per length)")
+    p.add_argument("--lm-samples", type=int, default=8, help="held-out windows for the loss")
+    p.add_argument("--tasks", type=lambda s: s.split(","), default=list(TASKS), help="lm,passkey,mqar")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--corpus", help="the corpus prefix, where it is not the runs' data.path any more")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if bool(args.run) == bool(args.merge):
+        raise RunError("give --run DIR (one or more) or --merge FILE..., not both or neither")
+    unknown = set(args.tasks) - set(TASKS)
+    if unknown:
+        raise RunError(f"--tasks: unknown {sorted(unknown)}; the tasks are {TASKS}")
+    if any(n <= 0 for n in args.seq_lens or []) or not all(0 <= d <= 1 for d in args.depths):
+        raise RunError("--seq-lens must be positive and --depths in [0, 1]")
+    if args.samples <= 0 or args.lm_samples <= 0:
+        raise RunError("--samples and --lm-samples must be positive")
+    names = [run.resolve().name for run in args.run]
+    if len(set(names)) != len(names):
+        raise RunError(f"--run directories must have different names (they label the results): {names}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda: no CUDA device is visible")
+
+
+def _evaluate(args: argparse.Namespace) -> dict:
+    from megatron.core import parallel_state
+
+    from ..train.model import init_model_parallel
+    from .run import load_model, prepare_run
+    from .score import EVAL_SEED
+    from ..train.single_process import process_group
+    from ..train.tasks import Corpus, corpus_tasks
+
+    prepared = {run.resolve().name: (run.resolve(), *prepare_run(run.resolve(), corpus=args.corpus))
+                for run in args.run}
+    first = next(iter(prepared.values()))[2]
+    seq_lens = args.seq_lens or [first.train.seq_length // 2, first.train.seq_length, 2 * first.train.seq_length]
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    results = {}
+    with process_group(device):
+        init_model_parallel(first, device)
+        try:
+            for name, (run, checkpoint, config) in prepared.items():
+                log.info("%s: %s (%s attention)", name, checkpoint, config.model.attention)
+                try:
+                    tasks = corpus_tasks(Corpus(config.data.path), config.model.vocab_size, config.data.num_pairs)
+                except ValueError as err:
+                    raise RunError(f"{checkpoint}/job.yaml: {err}") from None
+                model = load_model(checkpoint, config, device, max(seq_lens))
+                results[name] = _score(args, run, checkpoint, config, model, tasks, seq_lens, device)
+                del model
+        finally:
+            parallel_state.destroy_model_parallel()
+    return {"runs": results, "seq_lens": seq_lens, "depths": args.depths, "samples": args.samples,
+            "eval_seed": EVAL_SEED, "device": torch.cuda.get_device_name() if use_cuda else "cpu",
+            "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+            "command": " ".join(["nsa-eval", *sys.argv[1:]])}
+
+
+def _score(args, run: Path, checkpoint: Path, config, model, tasks: dict, seq_lens: list[int],
+           device: torch.device) -> dict:
+    from ..train.checkpoint import load_common
+    from .score import heldout_bits_per_token, mqar_accuracy, passkey_accuracy
+
+    t = config.train
+    step = int(load_common(checkpoint)["step"])
+    result = {"run": str(run), "checkpoint": str(checkpoint), "step": step, "attention": config.model.attention,
+              "parameters": sum(p.numel() for p in model.parameters()), "trained_seq_length": t.seq_length,
+              "tokens_per_step": t.global_batch_size * t.seq_length,
+              "trained_tokens": step * t.global_batch_size * t.seq_length,
+              "model": vars(config.model), "nsa": vars(config.nsa) if config.model.attention == "nsa" else None,
+              "data": {"path": config.data.path, "mix": dict(config.data.mix), "num_pairs": config.data.num_pairs},
+              "seed": t.seed}
+    if "lm" in args.tasks:
+        bits = heldout_bits_per_token(model, tasks["lm"], t.seq_length, args.lm_samples, device)
+        log.info("%s: held-out loss %.4f bits per token at %d tokens", run.name, bits, t.seq_length)
+        result["heldout"] = {"seq_length": t.seq_length, "samples": args.lm_samples, "bits_per_token": bits}
+    if "passkey" in args.tasks:
+        result["passkey"] = {"samples": args.samples, "chance": 10.0 ** -tasks["passkey"].DIGITS,
+                             "accuracy": passkey_accuracy(model, tasks["passkey"], seq_lens, args.depths,
+                                                          args.samples, device)}
+    if "mqar" in args.tasks:
+        accuracy, queries = mqar_accuracy(model, tasks["mqar"], seq_lens, args.depths, args.samples, device)
+        result["mqar"] = {"samples": args.samples, "chance": 1 / tasks["mqar"].num_ids, "accuracy": accuracy,
+                          "queries": queries}
+    return result
+
+
+def _merge(files: list[Path]) -> dict:
+    merged: dict = {}
+    for path in files:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise RunError(f"--merge {path}: {err}") from None
+        overlap = set(merged.get("runs", {})) & set(data.get("runs", {}))
+        if overlap:
+            raise RunError(f"--merge {path}: runs {sorted(overlap)} appear in more than one file")
+        merged = {**data, **merged, "runs": {**merged.get("runs", {}), **data["runs"]}}
+    return merged
+
+
+def write_outputs(result: dict, out: Path) -> list[Path]:
+    from . import plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "eval.json"]
+    written[0].write_text(json.dumps(result, indent=1) + "\n")
+    for task in ("passkey", "mqar"):
+        if any(task in r for r in result["runs"].values()):
+            written.append(plots.heat_maps(result["runs"], task, out / f"{task}.png"))
+    written.append(plots.loss_curves(result["runs"], out / "loss_curves.png"))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure_console()
+    try:
+        _check_args(args)
+        result = _merge(args.merge) if args.merge else _evaluate(args)
+    except RunError as err:
+        print(f"nsa-eval: error: {err}", file=sys.stderr)
+        return 2
+    for path in write_outputs(result, args.out):
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,61 @@
+"""PNGs of an evaluation: accuracy heat maps by length and depth, and the runs' training loss curves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..train.metrics import read_metrics
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def heat_maps(runs: dict[str, dict], task: str, path: Path) -> Path:
+    """One panel per run: ``task``'s accuracy, context length (rows) by depth (columns)."""
+    plt = _pyplot()
+    names = [name for name in runs if task in runs[name]]
+    fig, axes = plt.subplots(1, len(names), figsize=(1.6 + 2.6 * len(names), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        grid = runs[name][task]["accuracy"]
+        lengths, depths = list(grid), list(next(iter(grid.values())))
+        values = [[grid[n][d] if grid[n][d] is not None else float("nan") for d in depths] for n in lengths]
+        image = ax.imshow(values, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for row, line in enumerate(values):
+            for col, value in enumerate(line):
+                ax.text(col, row, "-" if value != value else f"{value:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(depths)), [f"{float(d):.2g}" for d in depths])
+        ax.set_yticks(range(len(lengths)), [f"{int(n) // 1024}k" if int(n) >= 1024 else n for n in lengths])
+        trained = runs[name].get("trained_seq_length")
+        ax.set_title(f"{name}" + (f" (trained at {trained})" if trained else ""), fontsize=9)
+        ax.set_xlabel("depth of the answer in the context")
+    axes[0][0].set_ylabel("context length")
+    fig.colorbar(image, ax=axes[0].tolist(), label=f"{task} accuracy")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def loss_curves(runs: dict[str, dict], path: Path) -> Path:
+    """Training loss against tokens seen, one line per run (from each run's ``metrics.jsonl``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, result in runs.items():
+        metrics = Path(result["run"]) / "metrics.jsonl"
+        if not metrics.is_file():
+            continue
+        rows = read_metrics(metrics)
+        ax.plot([step * result["tokens_per_step"] for step in rows], [r["loss"] for r in rows.values()],
+                label=f"{name} ({result['attention']})", linewidth=1)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("training loss (nats per loss token)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
