@@ -6,7 +6,10 @@ matrix is ever built, and get their gradients from autograd.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import NSAConfig
 
@@ -39,11 +42,27 @@ def masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.T
 def masked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """``q [B, Tq, H, dk]``, ``k``/``v [B, S, G, d]``, ``visible`` broadcastable to ``[B, H, Tq, S]``."""
-    num_heads = q.shape[2]
-    scores = torch.einsum("bthd,bshd->bhts", q, expand_kv_heads(k, num_heads)) * scale
-    probs, _ = masked_softmax(scores, visible)
-    return torch.einsum("bhts,bshd->bthd", probs, expand_kv_heads(v, num_heads))
+    """``q [B, Tq, H, dk]``, ``k``/``v [B, S, G, d]``, ``visible`` broadcastable to ``[B, H, Tq, S]``;
+    rows with nothing visible give zeros.
+
+    Torch's SDPA with a boolean mask is exactly the softmax over the visible keys. In float64,
+    the truth every fast path is tested against, it runs torch's math backend (the softmax
+    written out, whose gradient is exactly zero where it should be); in other dtypes the fused
+    kernel, several times faster on the CPU, where training runs this. SDPA gives NaN on a row
+    with nothing visible, so such rows see key 0 and are zeroed after: their zero output
+    gradient then sends nothing back through key 0.
+    """
+    batch, num_queries, num_heads, _ = q.shape
+    if k.shape[1] == 0:  # zeros, still a function of q, k and v so that each gets a (zero) gradient
+        return (q[..., :1] * 0).expand(*q.shape[:-1], v.shape[-1]) + (k.sum() + v.sum()) * 0
+    visible = visible.expand(batch, num_heads, num_queries, k.shape[1])
+    empty = ~visible.any(dim=-1, keepdim=True)
+    first_key = torch.arange(k.shape[1], device=q.device) == 0
+    with sdpa_kernel(SDPBackend.MATH) if q.dtype == torch.float64 else contextlib.nullcontext():
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), expand_kv_heads(k, num_heads).transpose(1, 2),
+            expand_kv_heads(v, num_heads).transpose(1, 2), attn_mask=visible | (empty & first_key), scale=scale)
+    return out.masked_fill(empty, 0.0).transpose(1, 2)
 
 
 def _query_chunks(seq_len: int):
