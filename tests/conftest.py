@@ -75,3 +75,17 @@ def check_forward_backward(fn, ref_fn, inputs, dtype: torch.dtype, what: str = "
     for i, (a, b) in enumerate(zip(low, high)):
         if a.is_floating_point():
             assert_close(a.grad, b.grad, dtype, f"{what} grad of input {i}")
+
+
+def byte_corpus(prefix, documents: int = 200) -> list[bytes]:
+    """Documents of distinct text (document ``i`` repeats its own lines), written as a byte-level
+    Megatron indexed dataset at ``prefix`` (.bin/.idx), like benchmarks/make_code_corpus.py's."""
+    import numpy
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    texts = [(f"def f{i}(x):\n    return x + {i}\n" * (5 + i % 7)).encode() for i in range(documents)]
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=numpy.uint8)
+    for text in texts:
+        builder.add_document(numpy.frombuffer(text, dtype=numpy.uint8), [len(text)])
+    builder.finalize(f"{prefix}.idx")
+    return texts

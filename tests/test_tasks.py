@@ -4,12 +4,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy
 import pytest
 import torch
 
 pytest.importorskip("megatron.core")
 
+from conftest import byte_corpus  # noqa: E402
 from nsa_parallel.job_config import load_job_config  # noqa: E402
 from nsa_parallel.train.data import token_source  # noqa: E402
 from nsa_parallel.train.tasks import (  # noqa: E402
@@ -24,18 +24,6 @@ from nsa_parallel.train.tasks import (  # noqa: E402
 )
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-
-
-def byte_corpus(prefix: Path, documents: int = 200) -> list[bytes]:
-    """Documents of distinct text (document ``i`` repeats its own line), as a byte indexed dataset."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    texts = [(f"def f{i}(x):\n    return x + {i}\n" * (5 + i % 7)).encode() for i in range(documents)]
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=numpy.uint8)
-    for text in texts:
-        builder.add_document(numpy.frombuffer(text, dtype=numpy.uint8), [len(text)])
-    builder.finalize(f"{prefix}.idx")
-    return texts
 
 
 @pytest.fixture

@@ -101,10 +101,12 @@ def _evaluate(args: argparse.Namespace) -> dict:
                 del model
         finally:
             parallel_state.destroy_model_parallel()
+    context = {"device": torch.cuda.get_device_name() if use_cuda else "cpu", "torch": torch.__version__,
+               "date": datetime.date.today().isoformat(), "command": " ".join(["nsa-eval", *sys.argv[1:]])}
+    for result in results.values():  # each run keeps how it was scored through --merge
+        result["evaluated"] = context
     return {"runs": results, "seq_lens": seq_lens, "depths": args.depths, "samples": args.samples,
-            "eval_seed": EVAL_SEED, "device": torch.cuda.get_device_name() if use_cuda else "cpu",
-            "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-            "command": " ".join(["nsa-eval", *sys.argv[1:]])}
+            "eval_seed": EVAL_SEED, **context}
 
 
 def _score(args, run: Path, checkpoint: Path, config, model, tasks: dict, seq_lens: list[int],
@@ -151,11 +153,12 @@ def _merge(files: list[Path]) -> dict:
 
 
 def write_outputs(result: dict, out: Path) -> list[Path]:
-    from . import plots
+    from . import plots, report
 
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "eval.json"]
+    written = [out / "eval.json", out / "summary.md"]
     written[0].write_text(json.dumps(result, indent=1) + "\n")
+    written[1].write_text(report.markdown(result) + "\n")
     for task in ("passkey", "mqar"):
         if any(task in r for r in result["runs"].values()):
             written.append(plots.heat_maps(result["runs"], task, out / f"{task}.png"))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from megatron.core.models.gpt import GPTModel
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from ..job_config import JobConfig, load_job_config
 from ..train.checkpoint import checkpoint_tensor_shapes, latest_checkpoint, load_checkpoint
@@ -61,7 +62,7 @@ def _check_shapes(checkpoint: Path, model: GPTModel) -> None:
     """Every tensor the model expects is in the checkpoint with the same global shape."""
     try:
         saved = checkpoint_tensor_shapes(checkpoint)
-    except Exception as err:  # a damaged metadata file: torch, pickle or OS errors
+    except (Exception, CheckpointException) as err:  # a damaged metadata file: torch, pickle or OS errors
         raise RunError(f"checkpoint {checkpoint} cannot be read: {err}") from None
     for tensor in model.sharded_state_dict(metadata=DIST_CKPT_METADATA).values():
         key, shape = getattr(tensor, "key", ""), getattr(tensor, "global_shape", None)
@@ -99,6 +100,6 @@ def load_model(checkpoint: Path, config: JobConfig, device: torch.device, max_se
     try:
         loaded = load_checkpoint(checkpoint, {"model": model.sharded_state_dict(metadata=DIST_CKPT_METADATA)})
         model.load_state_dict(loaded["model"])
-    except Exception as err:  # torch, pickle or OS errors from a damaged checkpoint
+    except (Exception, CheckpointException) as err:  # torch, pickle or OS errors from a damaged checkpoint
         raise RunError(f"checkpoint {checkpoint} cannot be loaded: {type(err).__name__}: {err}") from None
     return model.eval()

@@ -1,0 +1,67 @@
+"""``summary.md``: an evaluation as markdown tables, ready for ``benchmarks/RESULTS.md``."""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from ..train.metrics import read_metrics
+
+WARMUP_STEPS = 5  # left out of tokens/s: start-up, compilation and autotuning
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def tokens_per_second(run: dict) -> float | None:
+    """The median training throughput of a run after its first steps, from its ``metrics.jsonl``."""
+    path = Path(run["run"]) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    rows = read_metrics(path)
+    rates = [r["tokens_per_s"] for step, r in rows.items() if step > WARMUP_STEPS] or \
+        [r["tokens_per_s"] for r in rows.values()]
+    return statistics.median(rates) if rates else None
+
+
+def _grid(name: str, task: str, result: dict) -> list[str]:
+    grid = result[task]["accuracy"]
+    depths = list(next(iter(grid.values())))
+    per_cell = "samples per cell" if task == "passkey" else "samples per length, queries binned by depth"
+    lines = [f"{name}, {task} accuracy ({result[task]['samples']} {per_cell}):", "",
+             "| length | " + " | ".join(f"depth {float(d):g}" for d in depths) + " | mean |",
+             "|---|" + "---|" * (len(depths) + 1)]
+    for length, row in grid.items():
+        lines.append(f"| {length} | " + " | ".join(_fmt(row[d]) for d in depths) + f" | {_fmt(_mean(row.values()))} |")
+    return lines + [""]
+
+
+def markdown(result: dict) -> str:
+    runs = result["runs"]
+    head = ("| run | attention | parameters | steps | training tokens | held-out bits/token | passkey | MQAR | "
+            "tokens/s |")
+    lines = [f"- {name}: {r['evaluated']['device']}, torch {r['evaluated']['torch']}, {r['evaluated']['date']}: "
+             f"`{r['evaluated']['command']}`" for name, r in runs.items() if "evaluated" in r]
+    lines += ["",
+             "Passkey and MQAR columns: mean accuracy over depths at each run's training length.", "",
+             head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in runs.items():
+        trained = str(r["trained_seq_length"])
+        cells = [name, r["attention"], f"{r['parameters']:,}", str(r["step"]), f"{r['trained_tokens']:,}",
+                 _fmt(r.get("heldout", {}).get("bits_per_token"), 4)]
+        for task in ("passkey", "mqar"):
+            cells.append(_fmt(_mean(r[task]["accuracy"].get(trained, {}).values())) if task in r else "-")
+        rate = tokens_per_second(r)
+        cells.append("-" if rate is None else f"{rate:,.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for name, r in runs.items():
+        for task in ("passkey", "mqar"):
+            if task in r:
+                lines += _grid(name, task, r)
+    return "\n".join(lines)
