@@ -20,12 +20,14 @@ from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent
 
+# NSA after the projections, rotary included, through whichever entry point the tree has.
 CHILD = r'''
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from bench_attention import nsa_runner, forward_backward, bench
+from bench_attention import forward_backward, bench
 from nsa_parallel import NSAConfig
 from nsa_parallel.compression import BlockCompressor
+from nsa_parallel.rotary import rotary_angles
 cfg, dev, dt = NSAConfig(), torch.device("cuda"), torch.bfloat16
 t, h, g, d = int(sys.argv[2]), 64, 4, 128
 torch.manual_seed(t)
@@ -33,7 +35,16 @@ ck, cv = (BlockCompressor(g, d, cfg, device=dev, dtype=dt) for _ in range(2))
 q = torch.randn(1, t, h, d, device=dev, dtype=dt, requires_grad=True)
 kv = [torch.randn(1, t, g, d, device=dev, dtype=dt, requires_grad=True) for _ in range(6)]
 gates = torch.randn(1, t, h, 3, device=dev, dtype=dt, requires_grad=True)
-run = nsa_runner(cfg, q, kv, gates, ck, cv)
+cos, sin = rotary_angles(torch.arange(t, device=dev), d)
+try:
+    from nsa_parallel.core import KV, BranchKV, Compressors, nsa_core
+    from nsa_parallel.rotary import Rotary
+    branch_kv = BranchKV(KV(kv[0], kv[1]), KV(kv[2], kv[3]), KV(kv[4], kv[5]))
+    run = lambda: nsa_core(q, branch_kv, gates, Compressors(ck, cv), cfg, rotary=Rotary(cos, sin))
+except ImportError:  # a tree from before the one NSA core
+    from nsa_parallel.layer import nsa_branches
+    pairs = [(kv[0], kv[1]), (kv[2], kv[3]), (kv[4], kv[5])]
+    run = lambda: nsa_branches(q, pairs, gates, ck, cv, cos, sin, cfg)
 fwd = bench(run, 200, 1500)
 fb = bench(forward_backward(run, [q, *kv, gates, *ck.parameters(), *cv.parameters()]), 200, 2000)
 print(f"RESULT {fwd} {fb}")

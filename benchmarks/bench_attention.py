@@ -20,7 +20,7 @@ import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from nsa_parallel import NSAConfig, ops
+from nsa_parallel import KV, BranchKV, Compressors, NSAConfig, nsa_core, ops
 from nsa_parallel.compression import BlockCompressor
 
 
@@ -37,12 +37,11 @@ def sdpa_runner(backend: SDPBackend, q, k, v):
 
 
 def nsa_runner(cfg: NSAConfig, q, kv, gate_logits, compress_k, compress_v, backend: str = "triton"):
-    k_raw, v_raw, k_slc, v_slc, k_win, v_win = kv
+    """NSA after the projections, without rotary: phi, the three branches, the gate sigmoid and sum."""
+    branch_kv = BranchKV(KV(kv[0], kv[1]), KV(kv[2], kv[3]), KV(kv[4], kv[5]))
 
     def run():
-        k_cmp, v_cmp = compress_k(k_raw), compress_v(v_raw)
-        gates = torch.sigmoid(gate_logits)
-        return ops.nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cfg, backend=backend)
+        return nsa_core(q, branch_kv, gate_logits, Compressors(compress_k, compress_v), cfg, backend=backend)
     return run
 
 

@@ -28,8 +28,8 @@ import torch.distributed as dist
 
 from nsa_parallel import NSAConfig
 from nsa_parallel.compression import BlockCompressor
-from nsa_parallel.context_parallel import CommStats, ShardLayout, context_parallel_nsa_branches, ring_attention_bytes
-from nsa_parallel.layer import nsa_branches
+from nsa_parallel.context_parallel import CommStats, ContextParallel, ShardLayout, ring_attention_bytes
+from nsa_parallel.core import KV, BranchKV, Compressors, nsa_core, token_positions
 from nsa_parallel.rotary import rotary_angles
 
 HEADS, GROUPS, DIM = 64, 4, 128
@@ -66,15 +66,10 @@ class Problem:
 
     def run(self, leaves, group=None, layout="zigzag", stats=None):
         q, k0, v0, k1, v1, k2, v2, gates = leaves
-        kv = [(k0, v0), (k1, v1), (k2, v2)]
-        if group is None:
-            cos, sin = rotary_angles(torch.arange(self.seq, device=q.device), DIM)
-            return nsa_branches(q, kv, gates, self.compress_k, self.compress_v, cos, sin, self.cfg)
-        world = dist.get_world_size(group)
-        positions = ShardLayout(layout, world, self.seq).local_positions(dist.get_rank(group), q.device)
-        cos, sin = rotary_angles(positions, DIM)
-        return context_parallel_nsa_branches(q, kv, gates, self.compress_k, self.compress_v, cos, sin, self.cfg,
-                                             group, layout, stats=stats)
+        kv = BranchKV(KV(k0, v0), KV(k1, v1), KV(k2, v2))
+        cp = None if group is None else ContextParallel(group, layout, stats)
+        rotary = rotary_angles(token_positions(q.shape[1], cp=cp, device=q.device), DIM)
+        return nsa_core(q, kv, gates, Compressors(self.compress_k, self.compress_v), self.cfg, rotary=rotary, cp=cp)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -139,7 +139,7 @@ def accuracy(args: argparse.Namespace, nsa: NSAConfig) -> list[dict]:
     low, high = model_pair(lambda backend: get_gpt_layer_nsa_spec(nsa, backend=backend), args)
     selected: list[torch.Tensor] = []
 
-    # ops.nsa_attention (Triton) and reference.nsa_attention look select_blocks up in their modules.
+    # nsa_core calls ops.select_blocks, which calls reference.select_blocks on the reference backend.
     with patched(ops, "select_blocks", recording(selected)):
         bf16 = forward_backward(low, tokens)
     replay = iter(selected)

@@ -31,7 +31,7 @@ import torch
 import triton
 from bench_attention import bench, forward_backward
 
-from nsa_parallel import NSAConfig, ops
+from nsa_parallel import KV, BranchKV, Compressors, NSAConfig, nsa_core, ops
 
 BLOCK = 64
 CONFIG = NSAConfig(compress_block_size=BLOCK, compress_stride=BLOCK, select_block_size=BLOCK,
@@ -46,9 +46,10 @@ def mean_pool(x: torch.Tensor) -> torch.Tensor:
 
 def ours(q, k, v, gates, window: bool):
     def run():
+        if window:  # nsa_core takes gate logits
+            return nsa_core(q, BranchKV(*(KV(k, v),) * 3), gates.logit(), Compressors(mean_pool, mean_pool), CONFIG,
+                            backend="triton")
         k_cmp, v_cmp = mean_pool(k), mean_pool(v)
-        if window:
-            return ops.nsa_attention(q, k_cmp, v_cmp, k, v, k, v, gates, CONFIG, backend="triton")
         o_cmp, lse = ops.compressed_attention(q, k_cmp, v_cmp, CONFIG, backend="triton", return_lse=True)
         idx = ops.select_blocks(q.detach(), k_cmp.detach(), CONFIG, backend="triton", lse=lse)
         o_slc = ops.selection_attention(q, k, v, idx, CONFIG, backend="triton")
@@ -83,7 +84,8 @@ def check_against_fla_naive() -> None:
         gates = torch.sigmoid(torch.randn(1, t, h, 3, dtype=torch.float64))
         gates[..., 2] = 0
         o_fla = fla_naive.naive_nsa(q, k, v, g_cmp=gates[..., 0], g_slc=gates[..., 1], block_counts=n, block_size=BLOCK)
-        o = ops.nsa_attention(q, mean_pool(k), mean_pool(v), k, v, k, v, gates, cfg, backend="reference")
+        o = nsa_core(q, BranchKV(*(KV(k, v),) * 3), gates.logit(), Compressors(mean_pool, mean_pool), cfg,
+                     backend="reference")
         print(f"fla naive_nsa vs float64 reference, T={t}, {n} blocks, {h} heads: "
               f"relative difference {rel_diff(o_fla, o):.1e}", flush=True)
 

@@ -19,8 +19,8 @@ import math
 import torch
 from torch import nn
 
-from nsa_parallel import NSAConfig, NativeSparseAttention, reference
-from nsa_parallel import layer as layer_module
+from nsa_parallel import NSAConfig, NativeSparseAttention, ops, reference
+from nsa_parallel import core as core_module
 from nsa_parallel.compression import BlockCompressor
 
 POINTS = ("proj", "rotary", "phi_inner", "phi_out", "branch_out", "gates", "combine_out")
@@ -106,14 +106,15 @@ def main() -> None:
     x = torch.randn(1, args.seq_len, 1024, dtype=torch.float64).to(torch.bfloat16).double()
 
     linear = nn.Linear.forward
-    rotary = layer_module.apply_rotary
+    rotary = core_module.apply_rotary
     branches = {n: getattr(reference, n) for n in ("compressed_attention", "selection_attention", "window_attention")}
-    nsa_attention, select_blocks, phi = reference.nsa_attention, reference.select_blocks, BlockCompressor.forward
+    combine, select_blocks, phi = ops.combine_branches, reference.select_blocks, BlockCompressor.forward
     nn.Linear.forward = lambda self, inp: store(linear(self, inp), "proj")
-    layer_module.apply_rotary = lambda t, cos, sin: store(rotary(t, cos, sin), "rotary")
+    core_module.apply_rotary = lambda t, cos, sin: store(rotary(t, cos, sin), "rotary")
     for name, fn in branches.items():
         setattr(reference, name, lambda *a, _fn=fn, **kw: store(_fn(*a, **kw), "branch_out"))
-    reference.nsa_attention = lambda *a: store(nsa_attention(*a[:7], store(a[7], "gates"), *a[8:]), "combine_out")
+    ops.combine_branches = lambda o_cmp, o_slc, o_win, gates, *a: store(
+        combine(o_cmp, o_slc, o_win, store(gates, "gates"), *a), "combine_out")
     BlockCompressor.forward = phi_forward
     selected: list[torch.Tensor] = []
     try:
@@ -133,10 +134,10 @@ def main() -> None:
         print(f"| dense attention, proj + attention output rounded | "
               f"{worst(gradients(dense, x, {'proj', 'branch_out'}), dense_exact)} |")
     finally:
-        nn.Linear.forward, layer_module.apply_rotary, BlockCompressor.forward = linear, rotary, phi
+        nn.Linear.forward, core_module.apply_rotary, BlockCompressor.forward = linear, rotary, phi
         for name, fn in branches.items():
             setattr(reference, name, fn)
-        reference.nsa_attention, reference.select_blocks = nsa_attention, select_blocks
+        ops.combine_branches, reference.select_blocks = combine, select_blocks
 
 
 if __name__ == "__main__":

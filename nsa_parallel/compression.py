@@ -9,6 +9,14 @@ from torch import nn
 from .config import NSAConfig
 
 
+def compressed_positions(ids: torch.Tensor | int, config: NSAConfig) -> torch.Tensor | int:
+    """Position of compressed token ``i``: the last token of its block ``[i*d, i*d + l)``, ``i*d + l - 1``.
+
+    Its key is rotated at this position and query ``t`` sees it iff it is ``<= t`` (design brief 1.1).
+    """
+    return ids * config.compress_stride + config.compress_block_size - 1
+
+
 class BlockCompressor(nn.Module):
     """Per-KV-head MLP over a flattened block with a learned intra-block position encoding.
 

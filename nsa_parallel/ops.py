@@ -2,7 +2,9 @@
 
 Layout is ``[batch, seq, heads, dim]``; query head ``h`` uses KV head
 ``h // (H // G)``; ``scale`` defaults to ``1/sqrt(dk)``. ``backend="auto"``
-runs Triton on CUDA tensors and the reference otherwise.
+runs Triton on CUDA tensors and the reference otherwise. The whole of NSA (rotary,
+compression, the gated branches, documents, context parallelism) is
+:func:`nsa_parallel.core.nsa_core`.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Literal
 import torch
 
 from . import reference
+from .compression import compressed_positions
 from .config import NSAConfig
 
 Backend = Literal["auto", "reference", "triton"]
@@ -110,7 +113,7 @@ def compressed_attention(
 
         out, lse = banded_attention(
             q, k_cmp, v_cmp, key_stride=config.compress_stride,
-            key_offset=config.compress_block_size - 1 - query_offset, window=None, scale=scale,
+            key_offset=compressed_positions(0, config) - query_offset, window=None, scale=scale,
         )
     return (out, lse) if return_lse else out
 
@@ -209,42 +212,6 @@ def window_attention(
     from nsa_kernels.banded_attention import banded_attention
 
     return banded_attention(q, k, v, key_stride=1, key_offset=-query_offset, window=window_size, scale=scale)[0]
-
-
-def nsa_attention(
-    q: torch.Tensor,
-    k_cmp: torch.Tensor,
-    v_cmp: torch.Tensor,
-    k_slc: torch.Tensor,
-    v_slc: torch.Tensor,
-    k_win: torch.Tensor,
-    v_win: torch.Tensor,
-    gates: torch.Tensor,
-    config: NSAConfig,
-    scale: float | None = None,
-    backend: Backend = "auto",
-) -> torch.Tensor:
-    """The three gated branches: ``g_cmp*o_cmp + g_slc*o_slc + g_win*o_win``.
-
-    ``gates`` is ``[B, T, H, 3]`` after the sigmoid (order: compressed, selected,
-    window). Block selection reuses the compression branch's log-sum-exp.
-    """
-    check_attention_inputs(q, k_slc, v_slc, ("k_slc", "v_slc"))
-    check_attention_inputs(q, k_win, v_win, ("k_win", "v_win"))
-    _check_full_length(q, k_slc, "k_slc")
-    _check_full_length(q, k_win, "k_win")
-    if tuple(gates.shape) != (*q.shape[:3], 3):
-        raise ValueError(f"gates must be [B, T, H, 3] = {(*q.shape[:3], 3)}, got {tuple(gates.shape)}")
-    scale = _scale(q, scale)
-    if resolve_backend(backend, q) == "reference":
-        check_attention_inputs(q, k_cmp, v_cmp, ("k_cmp", "v_cmp"))
-        _check_compressed_length(q, k_cmp, config)
-        return reference.nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, config, scale)
-    o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, config, scale, "triton", return_lse=True)
-    block_indices = select_blocks(q.detach(), k_cmp.detach(), config, scale, "triton", lse=lse)
-    o_slc = selection_attention(q, k_slc, v_slc, block_indices, config, scale, "triton")
-    o_win = window_attention(q, k_win, v_win, config.window_size, scale, "triton")
-    return combine_branches(o_cmp, o_slc, o_win, gates, "triton")
 
 
 def combine_branches(

@@ -2,7 +2,9 @@
 
 Every fast path is tested against these functions run in float64. They work
 in any dtype and on any device, chunk over queries so that no ``T x T`` score
-matrix is ever built, and get their gradients from autograd.
+matrix is ever built, and get their gradients from autograd. The branches are
+put together (rotary, compression, gates) once, for every backend, in
+:mod:`nsa_parallel.core`.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import contextlib
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .compression import compressed_positions
 from .config import NSAConfig
 
 QUERY_CHUNK = 128
@@ -98,19 +101,13 @@ def compress_tokens(
     return torch.einsum("btgh,ghd->btgd", hidden, w2) + b2
 
 
-def compressed_key_ends(num_compressed: int, config: NSAConfig, device: torch.device) -> torch.Tensor:
-    """Last token of compression block ``i``: ``i*d + l - 1``."""
-    i = torch.arange(num_compressed, device=device)
-    return i * config.compress_stride + config.compress_block_size - 1
-
-
 def compressed_attention(
     q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, config: NSAConfig, scale: float,
     query_offset: int = 0,
 ) -> torch.Tensor:
     """Query ``t`` (at position ``query_offset + t``) attends to compression block ``i`` iff
     ``i*d + l - 1 <= query_offset + t``."""
-    ends = compressed_key_ends(k_cmp.shape[1], config, q.device)
+    ends = compressed_positions(torch.arange(k_cmp.shape[1], device=q.device), config)
     out = []
     for t0, t1 in _query_chunks(q.shape[1]):
         visible = ends[None, :] <= _positions(query_offset + t0, query_offset + t1, q.device)[:, None]
@@ -138,7 +135,7 @@ def selection_scores(
     batch, seq_len, num_heads, _ = q.shape
     num_groups = k_cmp.shape[2]
     num_blocks = config.num_select_blocks(query_offset + seq_len)
-    ends = compressed_key_ends(k_cmp.shape[1], config, q.device)
+    ends = compressed_positions(torch.arange(k_cmp.shape[1], device=q.device), config)
     weights = overlap_weights(k_cmp.shape[1], num_blocks, config, q.device).to(q.dtype)
     out = []
     for t0, t1 in _query_chunks(seq_len):
@@ -231,27 +228,3 @@ def window_attention(
         visible = (s <= t) & (s > t - window_size)
         out.append(masked_attention(q[:, t0:t1], k[:, s0:p1], v[:, s0:p1], visible, scale))
     return torch.cat(out, dim=1)
-
-
-# --- gated combination ------------------------------------------------------
-
-def nsa_attention(
-    q: torch.Tensor,
-    k_cmp: torch.Tensor,
-    v_cmp: torch.Tensor,
-    k_slc: torch.Tensor,
-    v_slc: torch.Tensor,
-    k_win: torch.Tensor,
-    v_win: torch.Tensor,
-    gates: torch.Tensor,
-    config: NSAConfig,
-    scale: float,
-) -> torch.Tensor:
-    """``o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win`` with ``gates [B, T, H, 3]`` in (0, 1)."""
-    o_cmp = compressed_attention(q, k_cmp, v_cmp, config, scale)
-    with torch.no_grad():
-        block_indices = select_blocks(q, k_cmp, config, scale)
-    o_slc = selection_attention(q, k_slc, v_slc, block_indices, config, scale)
-    o_win = window_attention(q, k_win, v_win, config.window_size, scale)
-    g = gates.unsqueeze(-1)
-    return g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win

@@ -150,7 +150,7 @@ def _run_counters(rank: int, world: int, init_file: str, ref: dict) -> None:
         _check_case(COUNT_CASE, ref, rank)
         model = _model(COUNT_CASE)
         positions = ShardLayout("contiguous", world, COUNT_CASE.seq).local_positions(rank)
-        model(ref["x"][:, positions], cp_group=dist.group.WORLD).sum().backward()
+        model(ref["x"][:, positions], cp_group=dist.group.WORLD, cp_layout="contiguous").sum().backward()
         stats = model.comm_stats
         for category, (sent, received) in _expected_bytes(COUNT_CASE, rank).items():
             assert stats.sent["forward", category] == sent, (rank, category, dict(stats.sent))
@@ -240,7 +240,7 @@ def _run_long(rank: int, world: int, init_file: str) -> None:
         model = _model(LONG_CASE)
         torch.manual_seed(rank)
         x = torch.randn(1, LONG_CASE.seq // world, HIDDEN, dtype=torch.float64)
-        model(x, cp_group=dist.group.WORLD).sum().backward()
+        model(x, cp_group=dist.group.WORLD, cp_layout="contiguous").sum().backward()
         sent, _ = model.comm_stats.total()
         ring = ring_attention_bytes(LONG_CASE.seq, world, 1, LONG_CASE.groups, LONG_CASE.dk, LONG_CASE.dv, 8)
         # halo (w-1 + l-d tokens), half the T/d compressed tokens and a few blocks, each way

@@ -11,6 +11,7 @@ from conftest import DEVICE, KERNEL_DTYPES, assert_close, check_forward_backward
 import nsa_kernels.tma as tma
 from nsa_kernels.banded_attention import banded_attention
 from nsa_parallel import ops, reference
+from nsa_parallel.compression import compressed_positions
 from nsa_parallel.config import NSAConfig
 
 # The module itself (the package may re-export the function under the same name).
@@ -254,7 +255,7 @@ def test_compressed_query_offset(name: str, dtype: torch.dtype) -> None:
         return
     _, lse = ops.compressed_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), OFFSET_CONFIG, backend="triton",
                                       query_offset=qo, return_lse=True)
-    ends = reference.compressed_key_ends(k.shape[1], OFFSET_CONFIG, "cpu")
+    ends = compressed_positions(torch.arange(k.shape[1]), OFFSET_CONFIG)
     scores = torch.einsum("bthd,bshd->bhts", q.double(), reference.expand_kv_heads(k.double(), q.shape[2]))
     visible = ends[None, :] <= qo + torch.arange(q.shape[1])[:, None]
     ref_lse = reference.masked_softmax(scores * q.shape[-1] ** -0.5, visible)[1]

@@ -4,6 +4,7 @@ import torch
 
 from conftest import DEVICE, KERNEL_DTYPES, near_tie_rows
 from nsa_parallel import ops, reference
+from nsa_parallel.compression import compressed_positions
 from nsa_parallel.config import NSAConfig
 from nsa_kernels import block_selection
 from nsa_kernels.block_selection import select_blocks
@@ -21,7 +22,7 @@ def _cmp_probs(q, k_cmp, cfg, scale):
     """float64 compression probabilities ``[B, H, T, Tc]`` and lse ``[B, H, T]``."""
     q, k_cmp = q.double(), k_cmp.double()
     t = torch.arange(q.shape[1], device=q.device)
-    ends = reference.compressed_key_ends(k_cmp.shape[1], cfg, q.device)
+    ends = compressed_positions(torch.arange(k_cmp.shape[1], device=q.device), cfg)
     scores = torch.einsum("bthd,bshd->bhts", q, reference.expand_kv_heads(k_cmp, q.shape[2])) * scale
     return reference.masked_softmax(scores, ends[None, :] <= t[:, None])
 
@@ -135,7 +136,7 @@ def _offset_lse(q, k_cmp, cfg, scale, query_offset):
     """float64 compression-branch lse ``[B, H, T]`` of queries at query_offset + t."""
     q, k_cmp = q.double(), k_cmp.double()
     t = query_offset + torch.arange(q.shape[1], device=q.device)
-    ends = reference.compressed_key_ends(k_cmp.shape[1], cfg, q.device)
+    ends = compressed_positions(torch.arange(k_cmp.shape[1], device=q.device), cfg)
     scores = torch.einsum("bthd,bshd->bhts", q, reference.expand_kv_heads(k_cmp, q.shape[2])) * scale
     return reference.masked_softmax(scores, ends[None, :] <= t[:, None])[1]
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nsa_parallel import NSAConfig, ops, reference
+from nsa_parallel import KV, BranchKV, Compressors, NSAConfig, nsa_core, ops, reference
 
 from conftest import DEVICE, assert_same_selection, check_forward_backward
 
@@ -73,23 +73,29 @@ def test_selection_attention(case, backend):
         [x["q"], x["k"], x["v"], idx], DTYPE, case)
 
 
+def mean_phi(cfg):
+    """A compression ``phi`` simple enough to write again by hand: the mean of each block."""
+    return lambda x: reference.unfold_blocks(x, cfg.compress_block_size, cfg.compress_stride).mean(3)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
-def test_nsa_attention(case, backend):
+def test_nsa_core(case, backend):
     """All three gated branches; the float64 side uses the blocks the backend selected
     (selection itself is compared, near-ties aside, in test_select_blocks)."""
     x = make(case)
-    cfg, scale = x["cfg"], x["scale"]
-    idx = ops.select_blocks(x["q"].to(DEVICE), x["k_cmp"].to(DEVICE), cfg, backend=backend).cpu()
+    cfg, scale, phi = x["cfg"], x["scale"], mean_phi(x["cfg"])
+    idx = ops.select_blocks(x["q"].to(DEVICE), phi(x["k"]).to(DEVICE), cfg, backend=backend).cpu()
 
-    def ref(q, kc, vc, k, v, g):
-        return (g[..., 0:1] * reference.compressed_attention(q, kc, vc, cfg, scale)
+    def ref(q, k, v, g):
+        g = torch.sigmoid(g)
+        return (g[..., 0:1] * reference.compressed_attention(q, phi(k), phi(v), cfg, scale)
                 + g[..., 1:2] * reference.selection_attention(q, k, v, idx, cfg, scale)
                 + g[..., 2:3] * reference.window_attention(q, k, v, cfg.window_size, scale))
 
     check_forward_backward(
-        lambda q, kc, vc, k, v, g: ops.nsa_attention(q, kc, vc, k, v, k, v, g, cfg, backend=backend),
-        ref, [x["q"], x["k_cmp"], x["v_cmp"], x["k"], x["v"], x["gates"]], DTYPE, case)
+        lambda q, k, v, g: nsa_core(q, BranchKV(*(KV(k, v),) * 3), g, Compressors(phi, phi), cfg, backend=backend),
+        ref, [x["q"], x["k"], x["v"], x["gates"]], DTYPE, case)
 
 
 def test_auto_backend_is_reference_on_cpu_tensors():
@@ -119,8 +125,7 @@ BAD = NSAConfig()
     (lambda: ops.selection_attention(torch.zeros(1, 8, 4, 4), torch.zeros(1, 8, 1, 4), torch.zeros(1, 8, 1, 4),
                                      torch.zeros(1, 8, 2, 16, dtype=torch.int32), BAD),
      "block_indices must be [B, T, G, n] = [1, 8, 1, n]"),
-    (lambda: ops.nsa_attention(*(torch.zeros(1, 8, 4, 4),) + (torch.zeros(1, 0, 1, 4),) * 2
-                               + (torch.zeros(1, 8, 1, 4),) * 4 + (torch.zeros(1, 8, 4, 2),), BAD),
+    (lambda: ops.combine_branches(*(torch.zeros(1, 8, 4, 4),) * 3, torch.zeros(1, 8, 4, 2)),
      "gates must be [B, T, H, 3]"),
 ])
 def test_bad_input_is_named(call, message):

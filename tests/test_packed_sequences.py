@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nsa_parallel import NativeSparseAttention, NSAConfig
-from nsa_parallel.layer import document_bounds
+from nsa_parallel.core import document_bounds
 
 from conftest import DEVICE, ON_GPU, assert_close
 

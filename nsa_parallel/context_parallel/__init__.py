@@ -1,6 +1,8 @@
 """Context parallelism for NSA: one sequence sharded over ranks, exchanging only what NSA reads."""
-from .attention import context_parallel_nsa_branches
 from .comm_stats import CommStats, ring_attention_bytes
-from .layout import LAYOUTS, Segment, ShardLayout
+from .layout import DEFAULT_LAYOUT, LAYOUTS, Segment, ShardLayout, check_layout
+from .shard import ContextParallel, ContextParallelShard
 
-__all__ = ["LAYOUTS", "CommStats", "Segment", "ShardLayout", "context_parallel_nsa_branches", "ring_attention_bytes"]
+__all__ = ["DEFAULT_LAYOUT", "LAYOUTS", "CommStats", "ContextParallel", "ContextParallelShard", "Segment",
+           "ShardLayout", "check_layout",
+           "ring_attention_bytes"]

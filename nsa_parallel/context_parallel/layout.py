@@ -12,6 +12,13 @@ from dataclasses import dataclass
 import torch
 
 LAYOUTS = ("contiguous", "zigzag")
+# Megatron's: its batch slicing and rotary embeddings shard a sequence this way.
+DEFAULT_LAYOUT = "zigzag"
+
+
+def check_layout(kind: str) -> None:
+    if kind not in LAYOUTS:
+        raise ValueError(f"cp_layout ({kind!r}) must be one of {LAYOUTS}")
 
 
 @dataclass(frozen=True)
@@ -36,8 +43,7 @@ class ShardLayout:
     seq_len: int
 
     def __post_init__(self) -> None:
-        if self.kind not in LAYOUTS:
-            raise ValueError(f"cp_layout ({self.kind!r}) must be one of {LAYOUTS}")
+        check_layout(self.kind)
         if self.world_size < 1:
             raise ValueError(f"context-parallel world size ({self.world_size}) must be positive")
 

@@ -17,9 +17,10 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from .. import ops
 from ..compression import BlockCompressor
 from ..config import NSAConfig
-from ..context_parallel import CommStats, ShardLayout, context_parallel_nsa_branches
-from ..layer import BRANCHES, document_bounds, nsa_branches, packed_nsa_branches
-from ..rotary import rotary_angles
+from ..context_parallel import DEFAULT_LAYOUT, CommStats, ContextParallel
+from ..core import KV, BranchKV, Bounds, Compressors, document_bounds, nsa_core, token_positions
+from ..layer import NUM_BRANCHES
+from ..rotary import Rotary, rotary_angles
 
 
 @dataclass
@@ -69,8 +70,6 @@ class NSASelfAttention(MegatronModule):
     positions from 0.
     """
 
-    CP_LAYOUT = "zigzag"  # how Megatron's batch slicing and rotary embeddings split a sequence
-
     def __init__(
         self,
         config: TransformerConfig,
@@ -97,10 +96,11 @@ class NSASelfAttention(MegatronModule):
         tp_size = torch.distributed.get_world_size(self.tp_group)
         tp_rank = torch.distributed.get_rank(self.tp_group)
         check_nsa_parallel_sizes(config, tp_size)
-        self.cp_group = None
-        if config.context_parallel_size > 1:
-            self.cp_group = getattr(pg_collection, "cp", None) or parallel_state.get_context_parallel_group()
         self.comm_stats = CommStats()
+        self.cp = None  # Megatron's zigzag layout: its batch slicing and rotary embeddings shard that way
+        if config.context_parallel_size > 1:
+            cp_group = getattr(pg_collection, "cp", None) or parallel_state.get_context_parallel_group()
+            self.cp = ContextParallel(cp_group, DEFAULT_LAYOUT, self.comm_stats)
 
         self.layer_number, self.nsa_config, self.backend = layer_number, nsa_config, backend
         self.rotary_base = rotary_base
@@ -109,7 +109,7 @@ class NSASelfAttention(MegatronModule):
         self.heads_local = config.num_attention_heads // tp_size
         self.groups_local = groups // tp_size
         dk = self.head_dim
-        nb = len(BRANCHES)
+        nb = NUM_BRANCHES
         column = dict(config=config, init_method=config.init_method, gather_output=False,
                       skip_bias_add=False, is_expert=False, tp_group=self.tp_group)
         qkv_bias = config.add_bias_linear or config.add_qkv_bias
@@ -142,35 +142,29 @@ class NSASelfAttention(MegatronModule):
         for p in (*self.compress_k.parameters(), *self.compress_v.parameters()):
             set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
 
-    def _positions(self, seq: int, device: torch.device) -> torch.Tensor:
-        """Global positions of the local tokens (this CP rank's zigzag chunks under CP)."""
-        if self.cp_group is None:
-            return torch.arange(seq, device=device)
-        world = torch.distributed.get_world_size(self.cp_group)
-        layout = ShardLayout(self.CP_LAYOUT, world, seq * world)
-        layout.check_divisible(self.nsa_config.select_block_size)
-        return layout.local_positions(torch.distributed.get_rank(self.cp_group), device)
-
-    def _rotary_tables(self, seq: int, rotary_pos_emb: Any, device: torch.device,
-                       documents: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of the local tokens, or with ``documents`` of positions ``0 .. seq-1`` in a document
-        (Megatron's table for packed sequences is not sliced per CP rank either)."""
+    def _rotary(self, seq: int, documents: list[Bounds] | None, rotary_pos_emb: Any, packed: bool,
+                device: torch.device) -> Rotary:
+        """cos/sin of the ``seq`` local tokens: NSA's own at their positions, or Megatron's
+        ``rotary_pos_emb`` (``[s, 1, 1, dim]``, row ``p`` for position ``p``; under context parallelism,
+        except for packed sequences, Megatron already kept this rank's rows, in local order)."""
+        positions = token_positions(seq, cp=self.cp, documents=documents, device=device)
         if rotary_pos_emb is None:
-            positions = torch.arange(seq, device=device) if documents else self._positions(seq, device)
             return rotary_angles(positions, self.head_dim, self.rotary_base)
         if isinstance(rotary_pos_emb, tuple):
             raise NotImplementedError("NSASelfAttention takes one rotary_pos_emb tensor, not a (q, k) pair")
         if self.config.rotary_interleaved:
             raise NotImplementedError("NSASelfAttention does not support rotary_interleaved")
-        # [s, 1, 1, dim] -> [s, dim]; under CP Megatron already sliced it to this rank's positions
         freqs = rotary_pos_emb.reshape(rotary_pos_emb.shape[0], -1)
-        if freqs.shape[-1] != self.head_dim or freqs.shape[0] < seq:
+        local_rows = self.cp is not None and not packed
+        needed = seq if documents is None else max(b - a for bounds in documents for a, b in bounds)
+        if freqs.shape[-1] != self.head_dim or freqs.shape[0] < needed:
             raise NotImplementedError(
-                f"rotary_pos_emb of shape {tuple(rotary_pos_emb.shape)} must cover all {seq} positions and all "
+                f"rotary_pos_emb of shape {tuple(rotary_pos_emb.shape)} must cover all {needed} positions and all "
                 f"{self.head_dim} channels of a head (rotary_percent < 1 is not supported)")
-        return freqs.cos(), freqs.sin()
+        freqs = freqs[:seq] if local_rows or documents is None else freqs[positions]
+        return Rotary(freqs.cos(), freqs.sin())
 
-    def _packed_documents(self, packed_seq_params: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+    def _packed_documents(self, packed_seq_params: Any, hidden_states: torch.Tensor) -> list[tuple[int, int]]:
         """Document boundaries of a packed (``thd``) batch, checked before any work. With padding
         (``cu_seqlens_q_padded``) a document runs with the pad tokens after it, which its own
         tokens never see (causal), so their outputs are exact."""
@@ -191,12 +185,11 @@ class NSASelfAttention(MegatronModule):
         tokens = hidden_states.shape[0]
         if self.config.sequence_parallel:  # each TP rank holds a slice of the sequence
             tokens *= torch.distributed.get_world_size(self.tp_group)
-        if self.cp_group is not None:  # and each CP rank its share of every document
-            tokens *= torch.distributed.get_world_size(self.cp_group)
-        document_bounds(cu, tokens)
-        return cu
+        if self.cp is not None:  # and each CP rank its share of every document
+            tokens *= self.cp.world_size
+        return document_bounds(cu, tokens)
 
-    def _mask_documents(self, attention_mask: torch.Tensor | None, seq: int, batch: int) -> list[torch.Tensor] | None:
+    def _mask_documents(self, attention_mask: torch.Tensor | None, seq: int, batch: int) -> list[Bounds] | None:
         """``None`` for no mask or a causal one; for a causal mask with document resets (Megatron-LM's
         ``--reset-attention-mask``) the document boundaries of each row; anything else raises.
 
@@ -205,7 +198,7 @@ class NSASelfAttention(MegatronModule):
         """
         if attention_mask is None:
             return None
-        if self.cp_group is not None:
+        if self.cp is not None:
             self._check_causal_shard_mask(attention_mask, seq)
             return None
         if attention_mask.shape[-2:] != (seq, seq):
@@ -230,18 +223,18 @@ class NSASelfAttention(MegatronModule):
             if not torch.equal(mask, expected):
                 raise NotImplementedError("NSASelfAttention is causal; attention_mask must be None, causal, or "
                                           "causal with document resets (padding and custom masks are not supported)")
-            documents.append(torch.cat([starts, t.new_tensor([seq])]))
+            documents.append(document_bounds(torch.cat([starts, t.new_tensor([seq])]), seq))
         return documents * (batch // len(documents))
 
     def _check_causal_shard_mask(self, attention_mask: torch.Tensor, seq: int) -> None:
         """Under CP Megatron slices the mask's query rows per rank: ``[..., seq, full]``, row ``j`` at
         global position ``p_j``. Causal iff every row sees token 0 and itself and not ``p_j + 1``."""
-        full = seq * torch.distributed.get_world_size(self.cp_group)
+        full = seq * self.cp.world_size
         if attention_mask.shape[-2:] != (seq, full):
             raise ValueError(f"attention_mask under context parallelism must be [..., {seq}, {full}], "
                              f"got shape {tuple(attention_mask.shape)}")
         rows = attention_mask.reshape(-1, seq, full)
-        pos = self._positions(seq, rows.device)
+        pos = token_positions(seq, cp=self.cp, device=rows.device)
         j = torch.arange(seq, device=rows.device)
         has_next = pos + 1 < full
         causal = (not rows[:, :, 0].any() and not rows[:, j, pos].any()
@@ -285,31 +278,14 @@ class NSASelfAttention(MegatronModule):
         seq, batch = q.shape[:2]
         # Packed documents are masked by their boundaries, whatever mask comes with them.
         documents = [packed] if packed is not None else self._mask_documents(attention_mask, seq, batch)
-        nb, dk = len(BRANCHES), self.head_dim
+        nb, dk = NUM_BRANCHES, self.head_dim
         q = q.view(seq, batch, self.heads_local, dk).transpose(0, 1)
         kv = kv.view(seq, batch, self.groups_local, nb, 2 * dk).transpose(0, 1)
-        branch_kv = [(kv[:, :, :, i, :dk], kv[:, :, :, i, dk:]) for i in range(nb)]
+        branch_kv = BranchKV(*(KV(kv[:, :, :, i, :dk], kv[:, :, :, i, dk:]) for i in range(nb)))
         gate_logits = gate_logits.view(seq, batch, self.heads_local, nb).transpose(0, 1)
-        if documents is not None:
-            # Positions restart at every document, as Megatron's rotary does for packed sequences.
-            total = seq * (1 if self.cp_group is None else torch.distributed.get_world_size(self.cp_group))
-            longest = max(b - a for cu in documents for a, b in document_bounds(cu, total))
-            cos, sin = self._rotary_tables(longest, rotary_pos_emb, q.device, documents=True)
-            out = torch.cat([
-                packed_nsa_branches(q[r:r + 1], [(k[r:r + 1], v[r:r + 1]) for k, v in branch_kv],
-                                    gate_logits[r:r + 1], self.compress_k, self.compress_v, cos, sin,
-                                    self.nsa_config, cu, self.backend, cp_group=self.cp_group,
-                                    cp_layout=self.CP_LAYOUT, cp_stats=self.comm_stats)
-                for r, cu in enumerate(documents)])
-        else:
-            cos, sin = self._rotary_tables(seq, rotary_pos_emb, q.device)
-            if self.cp_group is None:
-                out = nsa_branches(q, branch_kv, gate_logits, self.compress_k, self.compress_v, cos, sin,
-                                   self.nsa_config, self.backend)
-            else:
-                out = context_parallel_nsa_branches(
-                    q, branch_kv, gate_logits, self.compress_k, self.compress_v, cos, sin, self.nsa_config,
-                    self.cp_group, self.CP_LAYOUT, self.backend, self.comm_stats)
+        rotary = self._rotary(seq, documents, rotary_pos_emb, packed is not None, q.device)
+        out = nsa_core(q, branch_kv, gate_logits, Compressors(self.compress_k, self.compress_v), self.nsa_config,
+                       rotary=rotary, documents=documents, cp=self.cp, backend=self.backend)
         out = out.transpose(0, 1).reshape(seq, batch, self.heads_local * dk)
         return self.linear_proj(out)  # row-parallel: reduce(-scatter under SP), bias returned apart
 
