@@ -74,7 +74,7 @@ def main() -> None:
     for _ in range(args.warmup):
         step()
     for attn in attentions:
-        attn.comm_stats.reset()
+        attn.core_attention.comm_stats.reset()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -89,9 +89,9 @@ def main() -> None:
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     total = CommStats()
     for attn in attentions:
-        for key, value in attn.comm_stats.sent.items():
+        for key, value in attn.core_attention.comm_stats.sent.items():
             total.sent[key] += value // args.steps
-        for key, value in attn.comm_stats.received.items():
+        for key, value in attn.core_attention.comm_stats.received.items():
             total.received[key] += value // args.steps
     result = {"device": torch.cuda.get_device_name(), "gpus": world, "seq": args.seq, "step_ms": ms.item(),
               "peak_gib": peak.item(), "loss": loss.item(), "nsa_bytes_sent_rank0_per_step": total.total()[0],

@@ -25,18 +25,21 @@ class BlockCompressor(nn.Module):
     """
 
     def __init__(self, num_kv_heads: int, head_dim: int, config: NSAConfig, hidden_size: int | None = None,
-                 device: torch.device | None = None, dtype: torch.dtype | None = None):
+                 device: torch.device | None = None, dtype: torch.dtype | None = None, *, reset: bool = True):
+        """``reset=False`` leaves the weights unset (biases zero) and the random generator untouched,
+        for callers that initialise them their own way (Megatron's ``init_method``)."""
         super().__init__()
         self.block_size, self.stride = config.compress_block_size, config.compress_stride
         hidden_size = hidden_size or head_dim
         fan_in = self.block_size * head_dim
         factory = {"device": device, "dtype": dtype}
-        self.position = nn.Parameter(torch.zeros(num_kv_heads, self.block_size, head_dim, **factory))
+        self.position = nn.Parameter(torch.empty(num_kv_heads, self.block_size, head_dim, **factory))
         self.w1 = nn.Parameter(torch.empty(num_kv_heads, fan_in, hidden_size, **factory))
         self.b1 = nn.Parameter(torch.zeros(num_kv_heads, hidden_size, **factory))
         self.w2 = nn.Parameter(torch.empty(num_kv_heads, hidden_size, head_dim, **factory))
         self.b2 = nn.Parameter(torch.zeros(num_kv_heads, head_dim, **factory))
-        self.reset_parameters()
+        if reset:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.position, std=0.02)

@@ -113,8 +113,8 @@ def test_megatron_attention_equals_native_sparse_attention():
         mega.linear_gate.weight.copy_(native.gate_proj.weight)
         mega.linear_gate.bias.copy_(native.gate_proj.bias)
         mega.linear_proj.weight.copy_(native.o_proj.weight)
-    mega.compress_k.load_state_dict(native.compress_k.state_dict())
-    mega.compress_v.load_state_dict(native.compress_v.state_dict())
+    mega.core_attention.compress_k.load_state_dict(native.compress_k.state_dict())
+    mega.core_attention.compress_v.load_state_dict(native.compress_v.state_dict())
 
     x = torch.randn(2, 83, hidden, dtype=torch.float64)
     x_native, x_mega = x.clone().requires_grad_(), x.transpose(0, 1).clone().requires_grad_()
@@ -136,7 +136,7 @@ def test_megatron_attention_equals_native_sparse_attention():
         assert_close(a.grad, b.grad, torch.float64, name)
     kv_native = native.kv_proj.weight.grad.view(3, groups, -1, hidden).transpose(0, 1).reshape(-1, hidden)
     assert_close(mega.linear_kv.weight.grad, kv_native, torch.float64, "kv")
-    for (name, a), b in zip(mega.compress_k.named_parameters(), native.compress_k.parameters()):
+    for (name, a), b in zip(mega.core_attention.compress_k.named_parameters(), native.compress_k.parameters()):
         assert_close(a.grad, b.grad, torch.float64, f"compress_k.{name}")
 
 
@@ -151,8 +151,8 @@ def test_heterogeneous_block_spec():
         get_gpt_decoder_block_nsa_spec(config, [True, False])
 
 
-def _build_attention(config: TransformerConfig, nsa_config=TINY, **params):
-    spec = get_gpt_layer_nsa_spec(nsa_config, backend="reference").submodules.self_attention
+def _build_attention(config: TransformerConfig, nsa_config=TINY, backend="reference", qk_layernorm=False, **params):
+    spec = get_gpt_layer_nsa_spec(nsa_config, backend, qk_layernorm=qk_layernorm).submodules.self_attention
     return NSASelfAttention(config, spec.submodules, layer_number=1, **{**spec.params, **params})
 
 
@@ -178,11 +178,24 @@ def test_bad_spec_settings_raise_clear_errors():
     ({}, dict(nsa_config={"window_size": 32}), "nsa_config"),
     ({}, dict(attn_mask_type=AttnMaskType.padding), "attn_mask_type"),
     ({}, dict(backend="cuda"), "backend"),
+    # TransformerConfig fields that change attention and that NSA cannot honour, each refused by name
+    (dict(attention_dropout=0.1), {}, r"attention_dropout \(0.1\) must be 0"),
+    (dict(window_size=(32, 0)), {}, r"window_size \(\(32, 0\)\) must be None"),
+    (dict(apply_rope_fusion=True), {}, r"apply_rope_fusion \(True\) must be False"),
+    (dict(attention_softmax_in_fp32=False), {}, r"attention_softmax_in_fp32 \(False\) must be True"),
+    (dict(rotary_interleaved=True), {}, r"rotary_interleaved \(True\) must be False"),
+    (dict(softmax_type="off-by-one"), {}, r"softmax_type \('off-by-one'\) must be 'vanilla'"),
+    (dict(qk_layernorm=True), {}, r"qk_layernorm \(True\) needs query/key norms in the layer spec"),
+    (dict(qk_l2_norm=True), {}, r"qk_l2_norm \(True\) must be False"),
+    (dict(attention_output_gate=True), {}, r"attention_output_gate \(True\) must be False"),
 ])
 def test_bad_attention_settings_fail_before_allocation(config_kw, params, match):
     # No layer of hidden size HUGE can be allocated: a ValueError means the check came first.
+    config = tiny_config(hidden_size=HUGE)
+    for field, value in config_kw.items():  # set after construction: some need TE to pass Megatron's own checks
+        setattr(config, field, value)
     with pytest.raises(ValueError, match=match):
-        _build_attention(tiny_config(hidden_size=HUGE, **config_kw), **params)
+        _build_attention(config, **params)
 
 
 def test_unsupported_arguments_raise():
@@ -202,9 +215,8 @@ def test_unsupported_arguments_raise():
     for match, kwargs in unsupported.items():
         with pytest.raises(NotImplementedError, match=match):
             attn(x, None, **kwargs)
-    interleaved = _build_attention(tiny_config(rotary_interleaved=True))
-    with pytest.raises(NotImplementedError, match="rotary_interleaved"):
-        interleaved(x, None, rotary_pos_emb=torch.zeros(40, 1, 1, 16))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'attn_mask'"):  # not swallowed
+        attn(x, None, attn_mask=None)
 
 
 def test_paper_spec_module_for_megatron_lm():
@@ -212,7 +224,7 @@ def test_paper_spec_module_for_megatron_lm():
     import importlib
     spec = vars(importlib.import_module("nsa_parallel.megatron.paper_spec"))["layer_spec"]
     assert spec.submodules.self_attention.module is NSASelfAttention
-    assert spec.submodules.self_attention.params["nsa_config"] == NSAConfig()
+    assert spec.submodules.self_attention.submodules.core_attention.params["nsa_config"] == NSAConfig()
 
 
 def _packed(cu: list[int], **kw):
@@ -317,3 +329,99 @@ def test_reset_attention_mask_runs_each_document_alone():
     almost[0, 0, 150, 3] = False  # one more visible token: no longer a document mask
     with pytest.raises(NotImplementedError, match="document resets"):
         attn(x, almost)
+
+
+# --- the Megatron-native module: selective recomputation, TransformerConfig fields honoured ---------
+
+def _loss_and_grads(model: GPTModel, pe: str = "rope") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    tokens, labels = learnable_batch()
+    positions = torch.arange(SEQ)[None].expand_as(tokens)
+    model.zero_grad()
+    loss = model(tokens, positions, None, labels=labels).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_selective_recomputation_of_core_attention_gives_the_same_loss_and_gradients():
+    """recompute_granularity="selective" with core_attn: NSA's core (phi included) is recomputed in
+    backward; the loss and every gradient equal the run that kept its activations."""
+    results = []
+    for recompute in ({}, dict(recompute_granularity="selective", recompute_modules=["core_attn"])):
+        torch.manual_seed(0)
+        model = tiny_gpt(tiny_config(params_dtype=torch.float64, **recompute), "rope").double()
+        model.train()
+        attention = model.decoder.layers[0].self_attention
+        assert attention.checkpoint_core_attention == bool(recompute)
+        calls = []
+        hook = attention.core_attention.register_forward_hook(lambda *_: calls.append(1))
+        results.append(_loss_and_grads(model))
+        hook.remove()
+        assert len(calls) == (2 if recompute else 1)  # recomputed once in backward
+    (loss, grads), (loss_re, grads_re) = results
+    torch.testing.assert_close(loss_re, loss, rtol=0, atol=1e-12)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_re[name], grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_qk_layernorm_normalises_queries_and_every_branchs_keys():
+    """With qk_layernorm the spec's norms act on each head's query and on the keys of all three branches
+    (before compression and rotary): scaling those projections changes nothing (the norm's epsilon aside,
+    made negligible here). Without, it does."""
+    x = torch.randn(40, 2, 64, dtype=torch.float64)
+    for qk_layernorm in (True, False):
+        torch.manual_seed(0)
+        attn = _build_attention(tiny_config(params_dtype=torch.float64, add_bias_linear=False, layernorm_epsilon=1e-30,
+                                            qk_layernorm=qk_layernorm), qk_layernorm=qk_layernorm).double()
+        assert isinstance(attn.q_layernorm, torch.nn.LayerNorm) == qk_layernorm
+        before, _ = attn(x, None)
+        with torch.no_grad():
+            attn.linear_q.weight.mul_(7.0)
+            keys = attn.linear_kv.weight.view(2, 3, 2, 16, 64)[:, :, 0]  # [group, branch, key|value, dk, hidden]
+            keys.mul_(3.0)
+        after, _ = attn(x, None)
+        assert torch.allclose(after, before, rtol=1e-9, atol=1e-12) == qk_layernorm
+
+
+def test_softmax_scale_is_honoured():
+    """softmax_scale = c/sqrt(dk) equals the default scale with queries multiplied by c (every branch and
+    the block selection see the same scores)."""
+    x = torch.randn(83, 2, 64, dtype=torch.float64)
+    outs = []
+    for scale, q_factor in ((2.5 / 16 ** 0.5, 1.0), (None, 2.5)):
+        torch.manual_seed(0)
+        attn = _build_attention(tiny_config(params_dtype=torch.float64, softmax_scale=scale))
+        with torch.no_grad():
+            attn.linear_q.weight.mul_(q_factor)
+            attn.linear_q.bias.mul_(q_factor)
+        outs.append(attn(x, None)[0])
+    assert_close(outs[0], outs[1], torch.float64, "softmax_scale")
+
+
+def test_init_method_and_perform_initialization_reach_phi():
+    attn = _build_attention(tiny_config(init_method=lambda t: torch.nn.init.constant_(t, 0.25)))
+    for name, p in attn.core_attention.compress_k.named_parameters():
+        assert torch.all(p == (0.0 if name.startswith("b") else 0.25)), name
+    state = torch.get_rng_state()
+    attn = _build_attention(tiny_config(perform_initialization=False))
+    assert torch.equal(torch.get_rng_state(), state), "perform_initialization=False must draw nothing"
+    assert all(torch.all(p == 0) for n, p in attn.core_attention.compress_v.named_parameters() if n.startswith("b"))
+
+
+def test_phi_shards_start_as_the_tp1_phi():
+    """init_compressor_shard on the GPU when there is one: the TP=2 shards, each made from the same seed,
+    put together are the TP=1 phi (the model-level check, at TP=2 on gloo, is in test_megatron_parallel)."""
+    from nsa_parallel.compression import BlockCompressor
+    from nsa_parallel.megatron.core_attention import init_compressor_shard
+
+    from conftest import DEVICE
+
+    def shard(groups_local: int, tp_rank: int) -> BlockCompressor:
+        module = BlockCompressor(groups_local, 16, TINY, reset=False, device=DEVICE)
+        torch.manual_seed(5)
+        init_compressor_shard(module, lambda t: torch.nn.init.normal_(t, std=0.02), 4, tp_rank)
+        return module
+
+    whole = shard(4, 0)
+    parts = [shard(2, r) for r in range(2)]
+    for name, p in whole.named_parameters():
+        assert torch.equal(torch.cat([getattr(part, name) for part in parts]), p), name

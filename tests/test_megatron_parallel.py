@@ -1,5 +1,6 @@
 """NSA in Megatron-core over two gloo ranks: TP=2, with and without sequence parallelism, equals TP=1;
-phi's sharded state dict is split by KV group; bad head/group splits fail before any allocation.
+phi starts as at TP=1 and its sharded state dict is split by KV group; bad head/group splits fail before any
+allocation.
 
 ``setup_rank`` and ``spawn`` are shared with ``test_megatron_checkpoint.py``."""
 import contextlib
@@ -118,6 +119,11 @@ def _tp2(rank: int, init_file: str, tmp: str) -> None:
     from test_megatron_layer import HUGE, TINY, tiny_config
 
     ref = torch.load(os.path.join(tmp, "ref.pt"))
+    # Seeded as the TP=1 model was, phi starts as that model's phi, split by KV group.
+    fresh = build_gpt(2, seed=0)
+    for name, p in fresh.named_parameters():
+        if ".compress_" in name:
+            assert torch.equal(p, _shard(fresh, ref["params"], rank, 2)[name]), name
     for sequence_parallel in (False, True):
         model = build_gpt(2, seed=1, sequence_parallel=sequence_parallel)
         with torch.no_grad():
@@ -133,11 +139,12 @@ def _tp2(rank: int, init_file: str, tmp: str) -> None:
             # phi and the gate bias act after linear_kv/linear_gate gathered the whole sequence,
             # so their grads were already complete: the SP all-reduce must leave them alone.
             attention = model.decoder.layers[0].self_attention
-            full_sequence = [*attention.compress_k.parameters(), *attention.compress_v.parameters(),
-                             attention.linear_gate.bias]
+            full_sequence = [*attention.core_attention.parameters(), attention.linear_gate.bias]
             assert not any(getattr(p, "sequence_parallel", False) for p in full_sequence)
-    # phi shards with its KV groups. Global dims: (layer, group, ...); this rank holds group `rank`.
-    w1 = model.sharded_state_dict()["decoder.layers.0.self_attention.compress_k.w1"]
+    # phi shards with its KV groups. Global dims: (layer, group, ...); this rank holds group `rank`. It lives in
+    # core_attention; in checkpoints it keeps its key from before it moved there.
+    w1 = model.sharded_state_dict()["decoder.layers.0.self_attention.core_attention.compress_k.w1"]
+    assert w1.key == "decoder.layers.self_attention.compress_k.w1"
     assert w1.global_shape[:2] == (2, 2) and w1.local_shape[0] == 1 and w1.global_offset[:2] == (0, rank)
 
     # Heads/groups that do not split over the TP group: a ValueError naming the field, raised

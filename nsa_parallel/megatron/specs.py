@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
 from megatron.core.models.gpt import gpt_layer_specs
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -23,29 +24,49 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from .. import ops
 from ..config import NSAConfig
 from .attention import NSASelfAttention, NSASelfAttentionSubmodules
+from .core_attention import NSACoreAttention
 from .sdpa_attention import SDPACoreAttention
 
+# phi lives in core_attention; its checkpoint keys stay where they were before it moved there.
+PHI_KEYS_MAP = {"self_attention.core_attention.compress_": "self_attention.compress_"}
 
-def _nsa_attention_spec(nsa_config: NSAConfig | None, backend: ops.Backend, rotary_base: float,
-                        column: type, row: type) -> ModuleSpec:
-    if nsa_config is not None and not isinstance(nsa_config, NSAConfig):
-        raise ValueError(f"nsa_config must be an NSAConfig, got {type(nsa_config).__name__}")
-    ops.resolve_backend(backend, torch.empty(0))
-    return ModuleSpec(
-        module=NSASelfAttention,
-        params={"attn_mask_type": AttnMaskType.causal, "nsa_config": nsa_config or NSAConfig(),
-                "backend": backend, "rotary_base": rotary_base},
-        submodules=NSASelfAttentionSubmodules(linear_q=column, linear_kv=column, linear_gate=column,
-                                              linear_proj=row),
-    )
+
+def _backend(use_transformer_engine: bool) -> BackendSpecProvider:
+    if not use_transformer_engine:
+        return LocalSpecProvider()
+    if not gpt_layer_specs.HAVE_TE:
+        raise ValueError("use_transformer_engine=True needs transformer_engine installed")
+    from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+    return TESpecProvider()
 
 
 def _dense_layer_spec(use_transformer_engine: bool, **kwargs: Any) -> ModuleSpec:
     if use_transformer_engine:
-        if not gpt_layer_specs.HAVE_TE:
-            raise ValueError("use_transformer_engine=True needs transformer_engine installed")
+        _backend(True)
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**kwargs)
     return gpt_layer_specs.get_gpt_layer_local_spec(**kwargs)
+
+
+def nsa_attention_spec(backend: BackendSpecProvider, nsa_config: NSAConfig | None = None,
+                       kernel_backend: ops.Backend = "auto", rotary_base: float = 10000.0, qk_layernorm: bool = False,
+                       rms_norm: bool = False) -> ModuleSpec:
+    """``NSASelfAttention`` built of ``backend``'s linear layers (and query/key norms with ``qk_layernorm``),
+    with :class:`NSACoreAttention` (``nsa_config``, ``kernel_backend``) as its core."""
+    if nsa_config is not None and not isinstance(nsa_config, NSAConfig):
+        raise ValueError(f"nsa_config must be an NSAConfig, got {type(nsa_config).__name__}")
+    ops.resolve_backend(kernel_backend, torch.empty(0))
+    qk_norm = backend.layer_norm(rms_norm=rms_norm, for_qk=True) if qk_layernorm else IdentityOp
+    core = ModuleSpec(module=NSACoreAttention,
+                      params={"nsa_config": nsa_config or NSAConfig(), "backend": kernel_backend})
+    return ModuleSpec(
+        module=NSASelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal, "rotary_base": rotary_base},
+        submodules=NSASelfAttentionSubmodules(
+            linear_q=backend.column_parallel_linear(), linear_kv=backend.column_parallel_linear(),
+            linear_gate=backend.column_parallel_linear(), core_attention=core,
+            linear_proj=backend.row_parallel_linear(), q_layernorm=qk_norm, k_layernorm=qk_norm),
+    )
 
 
 def get_gpt_layer_nsa_spec(
@@ -57,29 +78,28 @@ def get_gpt_layer_nsa_spec(
 ) -> ModuleSpec:
     """A ``TransformerLayer`` spec like Megatron's GPT layer spec, with NSA self-attention.
 
-    ``kwargs`` go to Megatron's ``get_gpt_layer_local_spec`` (or the Transformer
-    Engine spec with ``use_transformer_engine``), e.g. ``normalization="RMSNorm"``
-    or ``num_experts``. NSA hyper-parameters travel in ``nsa_config``;
-    ``rotary_base`` is used when the model passes no ``rotary_pos_emb``
+    ``kwargs`` go to Megatron's ``get_gpt_layer_local_spec`` (or the Transformer Engine spec with
+    ``use_transformer_engine``), e.g. ``normalization="RMSNorm"``, ``qk_layernorm=True`` or
+    ``num_experts``; NSA's linear layers and norms come from the same backend spec provider. NSA
+    hyper-parameters travel in ``nsa_config`` (the core attention's spec params) and ``backend`` picks
+    its kernels; ``rotary_base`` is used when the model passes no ``rotary_pos_emb``
     (``position_embedding_type="none"``).
     """
     if kwargs.get("multi_latent_attention"):
         raise ValueError("multi_latent_attention cannot be combined with NSA attention")
+    provider = _backend(use_transformer_engine)
     dense = _dense_layer_spec(use_transformer_engine, **kwargs)
-    if use_transformer_engine:
-        from megatron.core.extensions.transformer_engine import (
-            TEColumnParallelLinear, TENorm, TERowParallelLinear)
-        # The TE spec fuses the input norm into linear_qkv; NSA's projections need it apart.
-        column, row, input_layernorm = TEColumnParallelLinear, TERowParallelLinear, TENorm
-    else:
-        column, row, input_layernorm = ColumnParallelLinear, RowParallelLinear, dense.submodules.input_layernorm
+    rms_norm = kwargs.get("normalization") == "RMSNorm"
+    attention = nsa_attention_spec(provider, nsa_config, backend, rotary_base, bool(kwargs.get("qk_layernorm")),
+                                   rms_norm)
     # Megatron maps input_layernorm onto linear_qkv's fused norm for TE checkpoints; NSA has no linear_qkv.
     keys_map = {k: v for k, v in dense.submodules.sharded_state_dict_keys_map.items() if "linear_qkv" not in v}
     submodules = dataclasses.replace(
         dense.submodules,
-        input_layernorm=input_layernorm,
-        self_attention=_nsa_attention_spec(nsa_config, backend, rotary_base, column, row),
-        sharded_state_dict_keys_map=keys_map,
+        # The TE spec fuses the input norm into linear_qkv; NSA's projections need it apart.
+        input_layernorm=provider.layer_norm(rms_norm=rms_norm),
+        self_attention=attention,
+        sharded_state_dict_keys_map={**keys_map, **PHI_KEYS_MAP},
     )
     return ModuleSpec(module=dense.module, params=dict(dense.params), submodules=submodules)
 
