@@ -4,8 +4,9 @@
 #   docker push registry.example.com/nsa-parallel:0.1.0
 #
 # The base image is pinned by tag (pin a digest, @sha256:..., for fully reproducible builds).
-# It ships torch, triton and a C compiler (Triton builds its launcher at run time).
-ARG BASE_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-devel
+# It ships torch, triton and a C compiler (Triton builds its launcher at run time); torch 2.8 is
+# the first with Triton 3.4 (pyproject.toml's floors), so pip keeps the image's CUDA build.
+ARG BASE_IMAGE=pytorch/pytorch:2.8.0-cuda12.8-cudnn9-devel
 FROM ${BASE_IMAGE}
 
 # Must equal rayClusterSpec.rayVersion in k8s/base/rayjob.yaml (the tests check it).
@@ -37,7 +38,7 @@ RUN pip install "ray[default,train]==${RAY_VERSION}"
 COPY nsa_parallel/ nsa_parallel/
 COPY kernels/ kernels/
 COPY launch/ launch/
-RUN pip install . && rm -rf build *.egg-info
+RUN pip install ".[train]" && rm -rf build *.egg-info
 
 COPY configs/ configs/
 

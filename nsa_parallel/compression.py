@@ -24,6 +24,8 @@ class BlockCompressor(nn.Module):
     Each KV head has its own weights, so tensor parallelism can shard them with the heads.
     """
 
+    BIASES = ("b1", "b2")  # 2-D (one row per KV head), so named for the optimizer to skip weight decay
+
     def __init__(self, num_kv_heads: int, head_dim: int, config: NSAConfig, hidden_size: int | None = None,
                  device: torch.device | None = None, dtype: torch.dtype | None = None, *, reset: bool = True):
         """``reset=False`` leaves the weights unset (biases zero) and the random generator untouched,

@@ -196,7 +196,7 @@ def _attend(q: torch.Tensor, kv: BranchKV, gate_logits: torch.Tensor, phi: Compr
 
     k_slc, v_slc, ids, offset = selected()
     o_slc = ops.selection_attention(q, k_slc.contiguous(), v_slc.contiguous(), ids, config, scale, backend,
-                                    query_offset=offset)
+                                    query_offset=offset, check_ids=False)  # made by select_blocks: valid
     out = ops.combine_branches(_cat(o_cmp), o_slc, _cat(o_win), torch.sigmoid(gate_logits), backend)
     return shard.attach(out)
 

@@ -154,6 +154,29 @@ def select_blocks(
         )
 
 
+def check_block_indices(block_indices: torch.Tensor, expected: tuple[int, int, int], num_blocks: int,
+                        values: bool = True) -> None:
+    """``block_indices [B, T, G, n]``: int32 or int64, each id a block of the keys (``0 .. num_blocks-1``)
+    or ``-1`` (unused), no block twice in a row. ``values=False`` checks shape and dtype only: reading
+    the ids costs a host sync, which ids made by :func:`select_blocks` need not pay."""
+    if block_indices.dim() != 4 or tuple(block_indices.shape[:3]) != expected:
+        raise ValueError(f"block_indices must be [B, T, G, n] = [{', '.join(map(str, expected))}, n], "
+                         f"got shape {tuple(block_indices.shape)}")
+    if block_indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_indices must be int32 or int64, got {block_indices.dtype}")
+    if not values or block_indices.numel() == 0:
+        return
+    ids = block_indices.sort(dim=-1).values
+    out_of_range = (ids[..., 0] < -1) | (ids[..., -1] >= num_blocks)
+    repeated = ((ids[..., 1:] == ids[..., :-1]) & (ids[..., 1:] >= 0)).any(-1)
+    bad_range, bad_repeat = torch.stack([out_of_range.any(), repeated.any()]).tolist()
+    if bad_range:
+        raise ValueError(f"block_indices must be -1 or block ids 0 .. {num_blocks - 1} of the {num_blocks} blocks "
+                         f"of the keys, got values from {int(ids[..., 0].min())} to {int(ids[..., -1].max())}")
+    if bad_repeat:
+        raise ValueError("block_indices must not name a block twice for one query and KV group")
+
+
 def selection_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -164,21 +187,20 @@ def selection_attention(
     backend: Backend = "auto",
     *,
     query_offset: int = 0,
+    check_ids: bool = True,
 ) -> torch.Tensor:
     """Attention over the selected blocks of each query's group (causal inside the own block).
 
     Keys sit at positions ``0 .. S-1`` and queries at ``query_offset .. S-1``
     (``S = query_offset + T``): context parallelism puts fetched remote blocks
-    before the local tokens and remaps ``block_indices`` into that cache.
+    before the local tokens and remaps ``block_indices`` into that cache. Both backends refuse the
+    same ``block_indices`` before any work (:func:`check_block_indices`); ``check_ids=False`` skips
+    reading the ids (a host sync), for ids :func:`select_blocks` made.
     """
     check_attention_inputs(q, k, v)
     _check_full_length(q, k, query_offset=query_offset)
-    expected = (q.shape[0], q.shape[1], k.shape[2])
-    if block_indices.dim() != 4 or tuple(block_indices.shape[:3]) != expected:
-        raise ValueError(f"block_indices must be [B, T, G, n] = [{', '.join(map(str, expected))}, n], "
-                         f"got shape {tuple(block_indices.shape)}")
-    if block_indices.dtype.is_floating_point:
-        raise ValueError(f"block_indices must be an integer tensor, got {block_indices.dtype}")
+    check_block_indices(block_indices, (q.shape[0], q.shape[1], k.shape[2]), config.num_select_blocks(k.shape[1]),
+                        check_ids)
     scale = _scale(q, scale)
     if resolve_backend(backend, q) == "reference":
         return reference.selection_attention(q, k, v, block_indices, config, scale, query_offset)

@@ -425,3 +425,39 @@ def test_phi_shards_start_as_the_tp1_phi():
     parts = [shard(2, r) for r in range(2)]
     for name, p in whole.named_parameters():
         assert torch.equal(torch.cat([getattr(part, name) for part in parts]), p), name
+
+
+def test_mask_is_compared_on_every_row():
+    """A mask that is causal on its first and last rows but not in between is refused, not taken for causal."""
+    attn = _build_attention(tiny_config())
+    x = torch.randn(40, 2, 64)
+    causal = torch.triu(torch.ones(40, 40, dtype=torch.bool), 1)[None, None]
+    attn(x, causal)
+    middle = causal.clone()
+    middle[..., 20, 5] = True  # token 20 may not see token 5: padding-like, no document reset
+    with pytest.raises(NotImplementedError, match="causal"):
+        attn(x, middle)
+    middle[..., 20, 5] = False  # changed in place: the verdict is not taken from the cache
+    attn(x, middle)
+    middle[..., 30, 31] = False  # a token that sees its future
+    with pytest.raises(NotImplementedError, match="causal"):
+        attn(x, middle)
+
+
+def test_weight_decay_skips_every_bias_and_norm():
+    """nsa-train's AdamW groups (the GPU path passes the same rule to Megatron's optimizer): phi's biases
+    b1/b2 are 2-D and not named bias, yet get no weight decay; its weights and position do."""
+    from nsa_parallel.job_config import TrainSection
+    from nsa_parallel.train.optimizer import LocalAdamW
+
+    torch.manual_seed(0)
+    model = tiny_gpt(tiny_config(qk_layernorm=True), spec=get_gpt_layer_nsa_spec(TINY, backend="reference",
+                                                                                 qk_layernorm=True))
+    groups = LocalAdamW(model, TrainSection(weight_decay=0.1)).optimizer.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)].split("layers.0.")[-1] for g in groups if g["weight_decay"] for p in g["params"]}
+    kept = {names[id(p)].split("layers.0.")[-1] for g in groups if not g["weight_decay"] for p in g["params"]}
+    phi = "self_attention.core_attention.compress_k."
+    assert {phi + "w1", phi + "w2", phi + "position", "self_attention.linear_q.weight"} <= decayed
+    assert {phi + "b1", phi + "b2", "self_attention.linear_q.bias", "self_attention.linear_gate.bias",
+            "self_attention.q_layernorm.weight", "input_layernorm.weight"} <= kept

@@ -132,3 +132,21 @@ def test_bad_input_is_named(call, message):
     with pytest.raises(ValueError) as err:
         call()
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("change, message", [
+    (lambda idx: idx.float(), "block_indices must be int32 or int64, got torch.float32"),
+    (lambda idx: idx.to(torch.int16), "block_indices must be int32 or int64, got torch.int16"),
+    (lambda idx: idx.index_fill(-1, torch.tensor([0]), 5), r"block ids 0 \.\. 4 of the 5 blocks"),
+    (lambda idx: idx.index_fill(-1, torch.tensor([0]), -2), r"got values from -2"),
+    (lambda idx: idx.index_fill(-1, torch.tensor([0, 1]), 2), "must not name a block twice"),
+])
+def test_selection_attention_refuses_bad_block_indices_alike(backend, change, message):
+    """Both backends refuse the same ids before any work: the kernel would count a repeated block twice
+    and read out of range where the reference counts it once and masks."""
+    q, k = torch.randn(1, 80, 2, 8, device=DEVICE), torch.randn(1, 80, 1, 8, device=DEVICE)
+    idx = torch.tensor([0, 1, 3, -1], dtype=torch.int32, device=DEVICE).expand(1, 80, 1, 4)
+    ops.selection_attention(q, k, k, idx, SMALL, backend=backend)  # 80 tokens: blocks 0 .. 4
+    with pytest.raises(ValueError, match=message):
+        ops.selection_attention(q, k, k, change(idx), SMALL, backend=backend)

@@ -21,6 +21,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from ..compression import BlockCompressor
 from ..job_config import TrainSection
 
 ADAM_BETAS = (0.9, 0.95)  # the usual LLM pre-training setting
@@ -31,7 +32,10 @@ DIST_CKPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def _decays(name: str, param: torch.nn.Parameter) -> bool:
-    return param.ndim > 1 and not name.endswith(".bias")
+    """Weight decay for weight matrices only: not for biases (Megatron's ``bias``, and ``phi``'s ``b1`` and
+    ``b2``, which are 2-D: one row per KV group) nor for norms and other 1-D parameters."""
+    leaf = name.rsplit(".", 1)[-1]
+    return param.ndim > 1 and leaf != "bias" and leaf not in BlockCompressor.BIASES
 
 
 class LocalAdamW:
@@ -106,7 +110,8 @@ class MegatronAdamW:
             DistributedDataParallel,
             DistributedDataParallelConfig,
         )
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer
+        from megatron.core.optimizer.optimizer_config import ParamWithNamePredicate
         from megatron.core.transformer.module import Float16Module
 
         config = model.config
@@ -118,7 +123,10 @@ class MegatronAdamW:
                             adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], adam_eps=ADAM_EPS,
                             clip_grad=train.clip_grad, bf16=config.bf16, params_dtype=config.params_dtype,
                             use_distributed_optimizer=True),
-            [self.module])
+            [self.module],
+            # The same rule as LocalAdamW's, in place of Megatron's (".bias" or 1-D), which decays phi's biases.
+            config_overrides={ParamKey(with_name_predicate=ParamWithNamePredicate(
+                name="no_weight_decay", fn=lambda param, name: not _decays(name, param))): {"wd_mult": 0.0}})
 
     def zero_grad(self) -> None:
         self.module.zero_grad_buffer()
