@@ -22,6 +22,17 @@ KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU els
 gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device; run on the device machine")
 
 
+def dense_attention(q, k, v, visible, scale):
+    """Attention from the textbook formula over a dense mask broadcastable to ``[B, H, T, S]``; rows with
+    nothing visible give 0. The oracle the reference itself is checked against."""
+    h = q.shape[2]
+    k, v = k.repeat_interleave(h // k.shape[2], dim=2), v.repeat_interleave(h // v.shape[2], dim=2)
+    s = torch.einsum("bthd,bshd->bhts", q, k) * scale
+    s = s.masked_fill(~visible, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return torch.einsum("bhts,bshd->bthd", p, v)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``||out - ref|| / ||ref||`` computed in float64."""
     out, ref = out.detach().cpu().double(), ref.detach().cpu().double()

@@ -197,19 +197,24 @@ def test_bad_input_raises_on_every_rank():
     _spawn(_run_bad_input, 2)
 
 
-# --- the Triton kernels inside the context-parallel path (interpreter, float32) ----
+# --- the Triton kernels inside the context-parallel path: interpreter on gloo, or 2 GPUs on NCCL ----
 
 def _run_triton(rank: int, world: int, init_file: str, case: Case, ref: dict) -> None:
-    from conftest import assert_close
-    _init(rank, world, init_file)
+    from conftest import ON_GPU, assert_close
+    if ON_GPU:
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    else:
+        _init(rank, world, init_file)
+    device = torch.device("cuda", rank) if ON_GPU else torch.device("cpu")
     try:
         torch.manual_seed(0)
         model = NativeSparseAttention(HIDDEN, case.heads, case.groups, case.dk, case.dv, case.config,
-                                      backend="triton", dtype=torch.float64).float()
+                                      backend="triton", dtype=torch.float64).to(device, torch.float32)
         positions = ShardLayout(case.layout, world, case.seq).local_positions(rank)
-        x = ref["x"][:, positions].float().requires_grad_()
+        x = ref["x"][:, positions].to(device, torch.float32).requires_grad_()
         out = model(x, cp_group=dist.group.WORLD, cp_layout=case.layout)
-        out.backward(ref["grad_out"][:, positions].float())
+        out.backward(ref["grad_out"][:, positions].to(device, torch.float32))
         assert_close(out, ref["out"][:, positions], torch.float32, f"rank {rank} output")
         assert_close(x.grad, ref["grad_x"][:, positions], torch.float32, f"rank {rank} input grad")
         for name, p in model.named_parameters():
@@ -220,36 +225,70 @@ def _run_triton(rank: int, world: int, init_file: str, case: Case, ref: dict) ->
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(),
-                    reason="CPU/interpreter variant; on GPUs benchmarks/bench_context_parallel.py --check "
-                           "compares CP with one GPU over NCCL")
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
+                    reason="on GPUs this runs 2 NCCL ranks, one GPU each; this machine has one")
 def test_triton_kernels_under_context_parallelism():
+    """The kernels (Triton's interpreter without a GPU, compiled on 2 GPUs) inside the CP path, float32,
+    against single-rank float64 NSA."""
     case = Case("p2-zigzag-triton", 2, "zigzag", 128, SMALL, batch=1)
     _spawn(_run_triton, 2, case, _reference(case))
 
 
-# --- long sequence, concentrated selection: far less than ring attention ------
+# --- long sequence, concentrated selection: far less than ring attention -------------------------
 
-LONG_CASE = Case("long-concentrated", 2, "contiguous", 4096, NSAConfig(32, 16, 32, 4, 64), batch=1,
-                 zero_queries=True)
+LONG_CONFIG = NSAConfig(32, 16, 32, 4, 64)  # 4096 tokens: 128 selection blocks, 4 picked (3 forced)
+LONG_SEQ, LONG_HEADS, LONG_GROUPS, LONG_DK, LONG_DV = 4096, 4, 2, 8, 6
+
+
+def _mean_phi(x: torch.Tensor) -> torch.Tensor:
+    """Compression by the mean of each block: a plain function, so the scores are easy to steer."""
+    from nsa_parallel import reference
+    return reference.unfold_blocks(x, LONG_CONFIG.compress_block_size, LONG_CONFIG.compress_stride).mean(3)
+
+
+def _concentrated_inputs() -> tuple[torch.Tensor, ...]:
+    """The whole sequence (alike on every rank): every query leans along one direction and only the keys
+    of selection block 1 do too, so each query's one free pick is block 1 by a clear margin of score
+    (noise everywhere: no two scores tie)."""
+    gen = torch.Generator().manual_seed(7)
+    direction = torch.randn(LONG_DK, generator=gen, dtype=torch.float64)
+    q = direction + 0.1 * torch.randn(1, LONG_SEQ, LONG_HEADS, LONG_DK, generator=gen, dtype=torch.float64)
+    k = 0.1 * torch.randn(1, LONG_SEQ, LONG_GROUPS, LONG_DK, generator=gen, dtype=torch.float64)
+    block = LONG_CONFIG.select_block_size
+    k[:, block:2 * block] += 2.0 * direction
+    v = torch.randn(1, LONG_SEQ, LONG_GROUPS, LONG_DV, generator=gen, dtype=torch.float64)
+    gates = torch.randn(1, LONG_SEQ, LONG_HEADS, 3, generator=gen, dtype=torch.float64)
+    return q, k, v, gates
 
 
 def _run_long(rank: int, world: int, init_file: str) -> None:
+    from nsa_parallel.context_parallel import CommStats, ContextParallel
+    from nsa_parallel.core import KV, BranchKV, Compressors, nsa_core
     _init(rank, world, init_file)
     try:
-        model = _model(LONG_CASE)
-        torch.manual_seed(rank)
-        x = torch.randn(1, LONG_CASE.seq // world, HIDDEN, dtype=torch.float64)
-        model(x, cp_group=dist.group.WORLD, cp_layout="contiguous").sum().backward()
-        sent, _ = model.comm_stats.total()
-        ring = ring_attention_bytes(LONG_CASE.seq, world, 1, LONG_CASE.groups, LONG_CASE.dk, LONG_CASE.dv, 8)
+        positions = ShardLayout("contiguous", world, LONG_SEQ).local_positions(rank)
+        q, k, v, gates = (t[:, positions].clone().requires_grad_() for t in _concentrated_inputs())
+        stats = CommStats()
+        out = nsa_core(q, BranchKV(*(KV(k, v),) * 3), gates, Compressors(_mean_phi, _mean_phi), LONG_CONFIG,
+                       cp=ContextParallel(dist.group.WORLD, "contiguous", stats), backend="reference")
+        out.sum().backward()
+        sent, _ = stats.total()
+        ring = ring_attention_bytes(LONG_SEQ, world, 1, LONG_GROUPS, LONG_DK, LONG_DV, 8)
         # halo (w-1 + l-d tokens), half the T/d compressed tokens and a few blocks, each way
-        assert sent < (ring["forward"] + ring["backward"]) / 8, (rank, sent, ring, str(model.comm_stats))
+        assert sent < (ring["forward"] + ring["backward"]) / 8, (rank, sent, ring, str(stats))
     finally:
         dist.destroy_process_group()
 
 
 def test_comm_far_below_ring_when_selection_concentrates():
-    """Every query ties on every score (q = 0), so all pick the same lowest blocks: the fetch is a
-    handful of blocks and the total stays under 1/8 of ring attention's bytes at 4096 tokens."""
+    """Scores that are not tied concentrate on one block: the fetch is a handful of blocks and the total
+    stays under 1/8 of ring attention's bytes at 4096 tokens."""
+    from nsa_parallel import reference
+    q, k, _, _ = _concentrated_inputs()
+    last = q[:, -256:]  # the queries of the last rank, which fetch from the first
+    scores = reference.selection_scores(last, _mean_phi(k), LONG_CONFIG, LONG_DK ** -0.5, LONG_SEQ - 256)
+    ranked = reference.selection_keys(scores, LONG_CONFIG, LONG_SEQ - 256).sort(-1, descending=True).values
+    free, runner_up = ranked[..., 3], ranked[..., 4]  # after the 3 forced blocks (+inf keys)
+    assert torch.isfinite(free).all() and (free > 2 * runner_up).all(), "block 1 must win on score, not by a tie"
+    assert reference.top_blocks(scores, LONG_CONFIG, LONG_SEQ - 256)[..., :4].eq(1).any(-1).all()
     _spawn(_run_long, 2)

@@ -1,10 +1,16 @@
-"""Public ops, both backends, forward and gradients against the float64 reference."""
+"""Public ops and nsa_core, both backends, forward and gradients against a dense float64 oracle.
+
+The oracle is written here from the design brief's definitions (a ``[T, S]`` mask and the textbook
+softmax, rotary written out), not with ``reference``'s chunked code, so the reference backend is
+checked too, not compared with itself.
+"""
 import pytest
 import torch
 
-from nsa_parallel import KV, BranchKV, Compressors, NSAConfig, nsa_core, ops, reference
+from nsa_parallel import KV, BranchKV, Compressors, NSAConfig, nsa_core, ops
+from nsa_parallel.rotary import Rotary
 
-from conftest import DEVICE, assert_same_selection, check_forward_backward
+from conftest import DEVICE, assert_same_selection, check_forward_backward, dense_attention
 
 SMALL = NSAConfig(compress_block_size=16, compress_stride=8, select_block_size=16, num_selected_blocks=4, window_size=24)
 
@@ -26,18 +32,59 @@ def make(case):
     tc = cfg.num_compressed(t)
     return dict(
         q=torch.randn(b, t, h, dk), k_cmp=torch.randn(b, tc, g, dk), v_cmp=torch.randn(b, tc, g, dv),
-        k=torch.randn(b, t, g, dk), v=torch.randn(b, t, g, dv), gates=torch.rand(b, t, h, 3), cfg=cfg,
+        k=torch.randn(b, t, g, dk), v=torch.randn(b, t, g, dv), gates=torch.randn(b, t, h, 3), cfg=cfg,
         scale=dk ** -0.5,
     )
+
+
+# --- the oracle: masks straight from the definitions -------------------------------------------
+
+def compressed_mask(seq: int, num_compressed: int, cfg: NSAConfig) -> torch.Tensor:
+    """Query t sees compressed token i iff its block [i*d, i*d + l) ends at or before t."""
+    t = torch.arange(seq)[:, None]
+    return torch.arange(num_compressed)[None, :] * cfg.compress_stride + cfg.compress_block_size - 1 <= t
+
+
+def window_mask(seq: int, window: int) -> torch.Tensor:
+    t, s = torch.arange(seq)[:, None], torch.arange(seq)[None, :]
+    return (s <= t) & (s > t - window)
+
+
+def selected_mask(idx: torch.Tensor, heads: int, cfg: NSAConfig) -> torch.Tensor:
+    """``[B, H, T, S]``: key s is seen iff its block s // l' is in the query's group's list and s <= t."""
+    seq = idx.shape[1]
+    key_block = torch.arange(seq) // cfg.select_block_size
+    picked = (idx.long()[..., None] == key_block).any(-2)  # [B, T, G, S]
+    picked = picked.repeat_interleave(heads // idx.shape[2], dim=2).permute(0, 2, 1, 3)
+    return picked & (torch.arange(seq)[None, :] <= torch.arange(seq)[:, None])
+
+
+def mean_phi(cfg: NSAConfig):
+    """A compression ``phi`` simple enough to write out: the mean of each block [i*d, i*d + l)."""
+    def phi(x: torch.Tensor) -> torch.Tensor:
+        n = cfg.num_compressed(x.shape[1])
+        blocks = [x[:, i * cfg.compress_stride:i * cfg.compress_stride + cfg.compress_block_size].mean(1)
+                  for i in range(n)]
+        return torch.stack(blocks, 1) if blocks else x[:, :0]
+    return phi
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotate-half rotary of ``x [B, S, heads, d]`` at ``positions [S]``."""
+    d = x.shape[-1]
+    angles = positions.double()[:, None] * base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    cos, sin = (torch.cat([f(angles)] * 2, -1)[None, :, None].to(x.dtype) for f in (torch.cos, torch.sin))
+    return x * cos + torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1) * sin
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
 def test_compressed_attention(case, backend):
     x = make(case)
+    visible = compressed_mask(x["q"].shape[1], x["k_cmp"].shape[1], x["cfg"])
     check_forward_backward(
         lambda q, k, v: ops.compressed_attention(q, k, v, x["cfg"], backend=backend),
-        lambda q, k, v: reference.compressed_attention(q, k, v, x["cfg"], x["scale"]),
+        lambda q, k, v: dense_attention(q, k, v, visible, x["scale"]),
         [x["q"], x["k_cmp"], x["v_cmp"]], DTYPE, case)
 
 
@@ -48,16 +95,16 @@ def test_window_attention(case, backend):
     w = x["cfg"].window_size
     check_forward_backward(
         lambda q, k, v: ops.window_attention(q, k, v, w, backend=backend),
-        lambda q, k, v: reference.window_attention(q, k, v, w, x["scale"]),
+        lambda q, k, v: dense_attention(q, k, v, window_mask(q.shape[1], w), x["scale"]),
         [x["q"], x["k"], x["v"]], DTYPE, case)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
-def test_select_blocks(case, backend):
+def test_select_blocks(case):
+    """The kernel against the reference (whose scores test_reference checks against a brute-force sum)."""
     x = make(case)
     q, k_cmp = x["q"].to(DEVICE), x["k_cmp"].to(DEVICE)
-    idx = ops.select_blocks(q, k_cmp, x["cfg"], backend=backend)
+    idx = ops.select_blocks(q, k_cmp, x["cfg"], backend="triton")
     assert idx.shape == (*q.shape[:2], k_cmp.shape[2], x["cfg"].num_selected_blocks)
     assert_same_selection(idx, q, k_cmp, x["cfg"], x["scale"])
 
@@ -66,36 +113,39 @@ def test_select_blocks(case, backend):
 @pytest.mark.parametrize("case", CASES)
 def test_selection_attention(case, backend):
     x = make(case)
-    idx = reference.select_blocks(x["q"].double(), x["k_cmp"].double(), x["cfg"], x["scale"])
+    idx = ops.select_blocks(x["q"].double(), x["k_cmp"].double(), x["cfg"], backend="reference")
+    visible = selected_mask(idx, x["q"].shape[2], x["cfg"])
     check_forward_backward(
         lambda q, k, v, i: ops.selection_attention(q, k, v, i, x["cfg"], backend=backend),
-        lambda q, k, v, i: reference.selection_attention(q, k, v, i, x["cfg"], x["scale"]),
+        lambda q, k, v, i: dense_attention(q, k, v, visible, x["scale"]),
         [x["q"], x["k"], x["v"], idx], DTYPE, case)
-
-
-def mean_phi(cfg):
-    """A compression ``phi`` simple enough to write again by hand: the mean of each block."""
-    return lambda x: reference.unfold_blocks(x, cfg.compress_block_size, cfg.compress_stride).mean(3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
 def test_nsa_core(case, backend):
-    """All three gated branches; the float64 side uses the blocks the backend selected
-    (selection itself is compared, near-ties aside, in test_select_blocks)."""
+    """Rotary (compressed keys at their block's last token), compression, the three gated branches; the
+    oracle uses the blocks the backend selected (selection itself is compared, near-ties aside, above)."""
     x = make(case)
     cfg, scale, phi = x["cfg"], x["scale"], mean_phi(x["cfg"])
-    idx = ops.select_blocks(x["q"].to(DEVICE), phi(x["k"]).to(DEVICE), cfg, backend=backend).cpu()
+    seq, heads = x["q"].shape[1:3]
+    pos = torch.arange(seq)
+    ends = torch.arange(cfg.num_compressed(seq)) * cfg.compress_stride + cfg.compress_block_size - 1
+    q_rot, k_cmp = rotate(x["q"], pos), rotate(phi(x["k"]), ends)
+    idx = ops.select_blocks(q_rot.to(DEVICE), k_cmp.to(DEVICE), cfg, backend=backend).cpu()
+    rotary = Rotary(*(f(pos.double()[:, None] * 10000.0 ** (-torch.arange(0, x["q"].shape[-1], 2) / x["q"].shape[-1]))
+                      .repeat(1, 2).to(DEVICE) for f in (torch.cos, torch.sin)))
 
-    def ref(q, k, v, g):
-        g = torch.sigmoid(g)
-        return (g[..., 0:1] * reference.compressed_attention(q, phi(k), phi(v), cfg, scale)
-                + g[..., 1:2] * reference.selection_attention(q, k, v, idx, cfg, scale)
-                + g[..., 2:3] * reference.window_attention(q, k, v, cfg.window_size, scale))
+    def oracle(q, k, v, g):
+        q, k_rot, g = rotate(q, pos), rotate(k, pos), torch.sigmoid(g)
+        return (g[..., 0:1] * dense_attention(q, rotate(phi(k), ends), phi(v), compressed_mask(seq, len(ends), cfg), scale)
+                + g[..., 1:2] * dense_attention(q, k_rot, v, selected_mask(idx, heads, cfg), scale)
+                + g[..., 2:3] * dense_attention(q, k_rot, v, window_mask(seq, cfg.window_size), scale))
 
     check_forward_backward(
-        lambda q, k, v, g: nsa_core(q, BranchKV(*(KV(k, v),) * 3), g, Compressors(phi, phi), cfg, backend=backend),
-        ref, [x["q"], x["k"], x["v"], x["gates"]], DTYPE, case)
+        lambda q, k, v, g: nsa_core(q, BranchKV(*(KV(k, v),) * 3), g, Compressors(phi, phi), cfg, rotary=rotary,
+                                    backend=backend),
+        oracle, [x["q"], x["k"], x["v"], x["gates"]], DTYPE, case)
 
 
 def test_auto_backend_is_reference_on_cpu_tensors():

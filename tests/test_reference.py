@@ -4,20 +4,10 @@ import torch
 
 from nsa_parallel import KV, BranchKV, Compressors, NSAConfig, nsa_core, reference
 
-from conftest import assert_close
+from conftest import assert_close, dense_attention
 
 F64 = torch.float64
 SMALL = NSAConfig(compress_block_size=16, compress_stride=8, select_block_size=16, num_selected_blocks=4, window_size=24)
-
-
-def dense_attention(q, k, v, visible, scale):
-    """Attention from the textbook formula over a dense ``[T, S]`` mask; empty rows give 0."""
-    h = q.shape[2]
-    k, v = reference.expand_kv_heads(k, h), reference.expand_kv_heads(v, h)
-    s = torch.einsum("bthd,bshd->bhts", q, k) * scale
-    s = s.masked_fill(~visible, float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)
-    return torch.einsum("bhts,bshd->bthd", p, v)
 
 
 def rand(*shape):
@@ -58,6 +48,24 @@ def test_selection_attention_matches_dense():
                         visible[b, h, t, lo: min(lo + cfg.select_block_size, t + 1)] = True
     out = reference.selection_attention(q, k, v, idx, cfg, 0.4)
     assert_close(out, dense_attention(q, k, v, visible, 0.4), F64)
+
+
+def test_selection_scores_match_a_brute_force_sum():
+    """p_slc[t, h, j] = sum_i overlap(compression block i, selection block j) / d * p_cmp[t, h, i], summed
+    over the heads of a group: counted token by token here, with the dense softmax."""
+    seq, cfg, scale = 150, SMALL, 0.3
+    q, k_cmp = rand(2, seq, 4, 8), rand(2, cfg.num_compressed(seq), 2, 8)
+    tc, ns = k_cmp.shape[1], cfg.num_select_blocks(seq)
+    visible = (torch.arange(tc)[None, :] * cfg.compress_stride + cfg.compress_block_size - 1
+               <= torch.arange(seq)[:, None])
+    scores = torch.einsum("bthd,bshd->bhts", q, k_cmp.repeat_interleave(2, dim=2)) * scale
+    p_cmp = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
+    weights = torch.zeros(tc, ns, dtype=F64)
+    for i in range(tc):
+        for token in range(i * cfg.compress_stride, i * cfg.compress_stride + cfg.compress_block_size):
+            weights[i, token // cfg.select_block_size] += 1 / cfg.compress_stride
+    expected = (p_cmp @ weights).view(2, 2, 2, seq, ns).sum(2).permute(0, 2, 1, 3)
+    assert_close(reference.selection_scores(q, k_cmp, cfg, scale), expected, F64)
 
 
 def test_overlap_weights_paper_defaults():

@@ -77,6 +77,10 @@ class ShardLayout:
             return (rank, self.num_chunks - 1 - rank)
         return (rank,)
 
+    def check_rank(self, rank: int) -> None:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"cp_rank ({rank}) must be in [0, {self.world_size})")
+
     def segments(self, rank: int) -> list[Segment]:
         size = self.chunk_len
         return [Segment(c * size, size, i * size) for i, c in enumerate(self.chunks(rank))]
@@ -84,6 +88,18 @@ class ShardLayout:
     def local_positions(self, rank: int, device: torch.device | None = None) -> torch.Tensor:
         """Global position of each local row of ``rank``."""
         return torch.cat([torch.arange(s.start, s.stop, device=device) for s in self.segments(rank)])
+
+    def shard(self, x: torch.Tensor, rank: int, dim: int = 1) -> torch.Tensor:
+        """The tokens of ``x`` (the whole sequence along ``dim``) that ``rank`` holds, in local order."""
+        self.check_rank(rank)
+        if x.shape[dim] != self.seq_len:
+            raise ValueError(f"x has {x.shape[dim]} tokens along dim {dim}; the layout is of {self.seq_len}")
+        if self.world_size == 1:
+            return x
+        if self.seq_len % self.num_chunks:
+            raise ValueError(f"sequence length ({self.seq_len}) must be divisible by the {self.num_chunks} chunks of "
+                             f"the {self.kind} layout over {self.world_size} ranks")
+        return x.index_select(dim, self.local_positions(rank, x.device))
 
     def owner(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rank, local row)`` owning each global position."""

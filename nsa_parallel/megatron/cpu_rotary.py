@@ -32,6 +32,5 @@ class CPURotaryEmbedding(RotaryEmbedding):
         cp_group = self.cp_group if cp_group is None else cp_group
         if cp_group is not None and cp_group.size() > 1 and not packed_seq:
             # This rank's positions of Megatron's load-balanced (zigzag) split: chunks r and 2*cp-1-r.
-            layout = ShardLayout("zigzag", cp_group.size(), max_seq_len)
-            emb = emb.index_select(0, layout.local_positions(cp_group.rank()))
+            emb = ShardLayout("zigzag", cp_group.size(), max_seq_len).shard(emb, cp_group.rank(), dim=0)
         return emb

@@ -9,20 +9,24 @@ checkpoint, and the next run deletes the leftover. Older checkpoints beyond
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
+from torch.distributed.checkpoint import FileSystemWriter
 
 from .fault import maybe_crash
 
@@ -55,17 +59,26 @@ def remove_interrupted(root: Path) -> None:
         shutil.rmtree(leftover)
 
 
-@contextlib.contextmanager
-def _gloo_safe_dist_checkpointing() -> Iterator[None]:
-    """megatron-core's torch_dist writer calls ``torch.cuda.synchronize()`` and broadcasts its
-    status in a ``torch.cuda.current_device()`` tensor; under gloo, with CPU tensors, both
-    become their CPU equivalents (a no-op and a CPU tensor). Nothing else needs CUDA."""
-    if dist.get_backend() != "gloo":
-        yield
-        return
-    with mock.patch.object(torch.cuda, "synchronize", lambda *args, **kwargs: None), \
-            mock.patch.object(torch.cuda, "current_device", lambda: "cpu"):
-        yield
+class _HostSaveStrategy(TorchDistSaveShardedStrategy):
+    """Megatron's ``torch_dist`` format, written by ``torch.distributed.checkpoint``'s synchronous writer.
+
+    For gloo runs (CPU tensors): Megatron's own writer copies tensors to the host with
+    ``non_blocking=True`` and then calls ``torch.cuda.synchronize()``, and broadcasts its status in a
+    ``torch.cuda.current_device()`` tensor, none of which a CPU-only torch has. The files are the same
+    (torch's DCP layout, through Megatron's planner), so either strategy's checkpoints load alike.
+    """
+
+    def save(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Path) -> None:
+        state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+        torch.distributed.checkpoint.save(
+            mcore_to_pyt_state_dict(state, False), storage_writer=FileSystemWriter(checkpoint_dir),
+            planner=MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
+                                     flatten_state_dict=False))
+
+
+def _save_strategy() -> TorchDistSaveShardedStrategy | None:
+    """``None`` (Megatron's default writer) under NCCL; the host writer under gloo."""
+    return _HostSaveStrategy("torch_dist", 1) if dist.get_backend() == "gloo" else None
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -97,8 +110,7 @@ def save_checkpoint(root: Path, step: int, state: ShardedStateDict, keep: int, e
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    with _gloo_safe_dist_checkpointing():
-        dist_checkpointing.save(state, str(tmp))
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy())
     maybe_crash("checkpoint", step, root)
     dist.barrier()  # every rank's shards are on disk
     if rank0:
@@ -115,8 +127,7 @@ def save_checkpoint(root: Path, step: int, state: ShardedStateDict, keep: int, e
 
 def load_checkpoint(path: Path, template: ShardedStateDict) -> dict[str, Any]:
     """Loads checkpoint ``path`` into the shapes and shardings of ``template`` (all ranks)."""
-    with _gloo_safe_dist_checkpointing():
-        return dist_checkpointing.load(template, str(path))
+    return dist_checkpointing.load(template, str(path))
 
 
 def load_common(path: Path) -> dict[str, Any]:
@@ -126,6 +137,5 @@ def load_common(path: Path) -> dict[str, Any]:
 
 def checkpoint_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """The global shape of every tensor in checkpoint ``path``, from its metadata alone."""
-    with _gloo_safe_dist_checkpointing():
-        metadata = dist_checkpointing.load_tensors_metadata(str(path))
+    metadata = dist_checkpointing.load_tensors_metadata(str(path))
     return {key: tuple(tensor.global_shape) for key, tensor in metadata.items()}
