@@ -135,9 +135,10 @@ def _rows(x: torch.Tensor, segment: Segment) -> torch.Tensor:
     return x[:, segment.local_start:segment.local_start + segment.length]
 
 
-def _with_halo(before: torch.Tensor | None, x: torch.Tensor, segment: Segment) -> torch.Tensor:
-    own = _rows(x, segment)
-    return own if before is None else torch.cat([before, own], dim=1)
+def _with_halo(before: KVPair | None, kv: KV, segment: Segment) -> KV:
+    """The segment's keys and values, after its halo (the tokens before it) when it has one."""
+    own = KV(_rows(kv.k, segment), _rows(kv.v, segment))
+    return own if before is None else KV(*(torch.cat([b, o], dim=1) for b, o in zip(before, own)))
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -150,8 +151,7 @@ def _compress(kv: KV, halo: list[KVPair | None], phi: Compressors, rotary: Rotar
     token, the first query that may see it."""
     keys, values = [], []
     for segment, before in zip(shard.segments, halo):
-        k = _with_halo(None if before is None else before[0], kv.k, segment)
-        v = _with_halo(None if before is None else before[1], kv.v, segment)
+        k, v = _with_halo(before, kv, segment)
         k_cmp, v_cmp = phi.k(k), phi.v(v)
         if rotary is not None:
             first_id = (segment.start - (k.shape[1] - segment.length)) // config.compress_stride
@@ -175,9 +175,9 @@ def _attend(q: torch.Tensor, kv: BranchKV, gate_logits: torch.Tensor, phi: Compr
     cmp_halo = shard.halo(kv.cmp, config.compress_block_size - config.compress_stride)
     k_cmp, v_cmp = _compress(kv.cmp, cmp_halo, phi, rotary, shard, config)
 
+    q_segs = [_rows(q, segment).contiguous() for segment in shard.segments]  # copies only for two chunks
     o_cmp, block_ids = [], []
-    for segment in shard.segments:
-        q_seg = _rows(q, segment).contiguous()  # a copy only when the shard holds two chunks
+    for segment, q_seg in zip(shard.segments, q_segs):
         visible = config.num_compressed(segment.stop)  # the blocks ending before the segment does
         k_seg, v_seg = k_cmp[:, :visible].contiguous(), v_cmp[:, :visible].contiguous()
         out, lse = ops.compressed_attention(q_seg, k_seg, v_seg, config, scale, backend, query_offset=segment.start,
@@ -188,11 +188,10 @@ def _attend(q: torch.Tensor, kv: BranchKV, gate_logits: torch.Tensor, phi: Compr
     selected = shard.fetch_blocks(_cat(block_ids), kv.slc.k, kv.slc.v)  # in flight while the window runs
 
     o_win = []
-    for segment, before in zip(shard.segments, win_halo):
-        k = _with_halo(None if before is None else before[0], kv.win.k, segment)
-        v = _with_halo(None if before is None else before[1], kv.win.v, segment)
-        o_win.append(ops.window_attention(_rows(q, segment).contiguous(), k.contiguous(), v.contiguous(),
-                                          config.window_size, scale, backend, query_offset=k.shape[1] - segment.length))
+    for segment, q_seg, before in zip(shard.segments, q_segs, win_halo):
+        k, v = _with_halo(before, kv.win, segment)
+        o_win.append(ops.window_attention(q_seg, k.contiguous(), v.contiguous(), config.window_size, scale, backend,
+                                          query_offset=k.shape[1] - segment.length))
 
     k_slc, v_slc, ids, offset = selected()
     o_slc = ops.selection_attention(q, k_slc.contiguous(), v_slc.contiguous(), ids, config, scale, backend,
