@@ -54,6 +54,7 @@ def test_every_length_and_depth_is_scored_and_plotted(trained, tmp_path):
     assert run["step"] == 2 and run["attention"] == "nsa" and run["trained_seq_length"] == 256
     assert run["parameters"] > 0 and run["evaluated"]["device"] == "cpu"
     assert 0 < run["heldout"]["bits_per_token"] < 16
+    assert [step for step, _ in run["training"]["loss"]] == [1, 2] and run["training"]["tokens_per_s"] > 0
     for task in ("passkey", "mqar"):
         grid = run[task]["accuracy"]
         assert list(grid) == [str(n) for n in LENGTHS]

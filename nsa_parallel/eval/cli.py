@@ -112,6 +112,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
 def _score(args, run: Path, checkpoint: Path, config, model, tasks: dict, seq_lens: list[int],
            device: torch.device) -> dict:
     from ..train.checkpoint import load_common
+    from .report import training_record
     from .score import heldout_bits_per_token, mqar_accuracy, passkey_accuracy
 
     t = config.train
@@ -122,7 +123,7 @@ def _score(args, run: Path, checkpoint: Path, config, model, tasks: dict, seq_le
               "trained_tokens": step * t.global_batch_size * t.seq_length,
               "model": vars(config.model), "nsa": vars(config.nsa) if config.model.attention == "nsa" else None,
               "data": {"path": config.data.path, "mix": dict(config.data.mix), "num_pairs": config.data.num_pairs},
-              "seed": t.seed}
+              "seed": t.seed, "training": training_record(run)}
     if "lm" in args.tasks:
         bits = heldout_bits_per_token(model, tasks["lm"], t.seq_length, args.lm_samples, device)
         log.info("%s: held-out loss %.4f bits per token at %d tokens", run.name, bits, t.seq_length)

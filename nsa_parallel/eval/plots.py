@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..train.metrics import read_metrics
-
 
 def _pyplot():
     import matplotlib
@@ -41,15 +39,12 @@ def heat_maps(runs: dict[str, dict], task: str, path: Path) -> Path:
 
 
 def loss_curves(runs: dict[str, dict], path: Path) -> Path:
-    """Training loss against tokens seen, one line per run (from each run's ``metrics.jsonl``)."""
+    """Training loss against tokens seen, one line per run."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, result in runs.items():
-        metrics = Path(result["run"]) / "metrics.jsonl"
-        if not metrics.is_file():
-            continue
-        rows = read_metrics(metrics)
-        ax.plot([step * result["tokens_per_step"] for step in rows], [r["loss"] for r in rows.values()],
+        steps, losses = zip(*result["training"]["loss"]) if result["training"]["loss"] else ((), ())
+        ax.plot([step * result["tokens_per_step"] for step in steps], losses,
                 label=f"{name} ({result['attention']})", linewidth=1)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("training loss (nats per loss token)")

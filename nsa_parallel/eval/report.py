@@ -18,15 +18,17 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def tokens_per_second(run: dict) -> float | None:
-    """The median training throughput of a run after its first steps, from its ``metrics.jsonl``."""
-    path = Path(run["run"]) / "metrics.jsonl"
+def training_record(run: Path) -> dict:
+    """The run's training loss by step and its median tokens/s after the first steps (from its
+    ``metrics.jsonl``), kept in ``eval.json`` so that plots and tables need no run directory."""
+    path = run / "metrics.jsonl"
     if not path.is_file():
-        return None
+        return {"loss": [], "tokens_per_s": None}
     rows = read_metrics(path)
     rates = [r["tokens_per_s"] for step, r in rows.items() if step > WARMUP_STEPS] or \
         [r["tokens_per_s"] for r in rows.values()]
-    return statistics.median(rates) if rates else None
+    return {"loss": [[step, r["loss"]] for step, r in rows.items()],
+            "tokens_per_s": statistics.median(rates) if rates else None}
 
 
 def _grid(name: str, task: str, result: dict) -> list[str]:
@@ -56,7 +58,7 @@ def markdown(result: dict) -> str:
                  _fmt(r.get("heldout", {}).get("bits_per_token"), 4)]
         for task in ("passkey", "mqar"):
             cells.append(_fmt(_mean(r[task]["accuracy"].get(trained, {}).values())) if task in r else "-")
-        rate = tokens_per_second(r)
+        rate = r["training"]["tokens_per_s"]
         cells.append("-" if rate is None else f"{rate:,.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
