@@ -54,7 +54,9 @@ def test_every_length_and_depth_is_scored_and_plotted(trained, tmp_path):
     assert run["step"] == 2 and run["attention"] == "nsa" and run["trained_seq_length"] == 256
     assert run["parameters"] > 0 and run["evaluated"]["device"] == "cpu"
     assert 0 < run["heldout"]["bits_per_token"] < 16
-    assert [step for step, _ in run["training"]["loss"]] == [1, 2] and run["training"]["tokens_per_s"] > 0
+    curves = run["training"]["curves"]
+    assert [step for step, _ in curves["loss"]] == [1, 2] and run["training"]["tokens_per_s"] > 0
+    assert set(curves) <= {"loss", "loss/lm", "loss/passkey", "loss/mqar"} and len(curves) > 1
     for task in ("passkey", "mqar"):
         grid = run[task]["accuracy"]
         assert list(grid) == [str(n) for n in LENGTHS]
@@ -74,6 +76,20 @@ def test_every_length_and_depth_is_scored_and_plotted(trained, tmp_path):
     merged = json.loads((tmp_path / "merged" / "eval.json").read_text())
     assert set(merged["runs"]) == {"nsa", "again"}
     assert (tmp_path / "merged" / "passkey.png").read_bytes().startswith(PNG)
+
+
+def test_training_logs_each_tasks_loss(trained):
+    from nsa_parallel.eval.run import run_config
+    from nsa_parallel.train.data import task_mix
+
+    checkpoint = trained / "checkpoints" / "step_00000002"
+    config = run_config(checkpoint, [])
+    mix, per_step = task_mix(config), config.train.global_batch_size
+    rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        step_tasks = {mix.task_of(i) for i in range((row["step"] - 1) * per_step, row["step"] * per_step)}
+        assert {key.removeprefix("loss/") for key in row if key.startswith("loss/")} == step_tasks
+        assert all(0 < row[f"loss/{task}"] < 10 for task in step_tasks)
 
 
 def _copy_run(trained: Path, tmp_path: Path) -> tuple[Path, Path]:

@@ -19,15 +19,17 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def training_record(run: Path) -> dict:
-    """The run's training loss by step and its median tokens/s after the first steps (from its
-    ``metrics.jsonl``), kept in ``eval.json`` so that plots and tables need no run directory."""
+    """The run's training losses by step (overall, and per task of a mix) and its median tokens/s after
+    the first steps, from its ``metrics.jsonl``; kept in ``eval.json`` so that plots and tables need no
+    run directory."""
     path = run / "metrics.jsonl"
     if not path.is_file():
-        return {"loss": [], "tokens_per_s": None}
+        return {"curves": {}, "tokens_per_s": None}
     rows = read_metrics(path)
     rates = [r["tokens_per_s"] for step, r in rows.items() if step > WARMUP_STEPS] or \
         [r["tokens_per_s"] for r in rows.values()]
-    return {"loss": [[step, r["loss"]] for step, r in rows.items()],
+    names = sorted({key for r in rows.values() for key in r if key == "loss" or key.startswith("loss/")})
+    return {"curves": {name: [[step, r[name]] for step, r in rows.items() if name in r] for name in names},
             "tokens_per_s": statistics.median(rates) if rates else None}
 
 

@@ -25,6 +25,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import RetrievalTask, step_microbatches, token_source
+from .tasks import TaskMix
 from .fault import maybe_crash
 from .metrics import MetricsWriter
 from .model import build_model, init_model_parallel
@@ -105,27 +106,36 @@ def packed_documents(cu_seqlens: torch.Tensor | None) -> PackedSeqParams | None:
 
 
 def train_step(module: torch.nn.Module, optimizer, microbatches: list[dict[str, torch.Tensor]], lr: float,
-               dp_cp_group: dist.ProcessGroup) -> tuple[float, float]:
-    """One optimizer step over this rank's micro-batches; returns (global mean loss, grad norm).
+               dp_cp_group: dist.ProcessGroup, task_names: list[str] = ()) -> tuple[float, float, dict[str, float]]:
+    """One optimizer step over this rank's micro-batches; returns (global mean loss, grad norm, the
+    global mean loss of each of ``task_names`` that the step's samples hold).
 
     Each micro-batch's loss is summed over its loss tokens; gradients and token counts are
     summed over all replicas and divided once, so the loss is the exact mean over every
     loss token of the global batch, however it is split over micro-batches and ranks.
+    Micro-batches of a task mix carry each sample's task (``task``, an index into ``task_names``).
     """
     optimizer.zero_grad()
     device = microbatches[0]["tokens"].device
     loss_sum, num_tokens = torch.zeros((), device=device), torch.zeros((), device=device)
+    task_sums = torch.zeros(2, len(task_names), device=device)  # loss, tokens
     for mb in microbatches:
         per_token = module(mb["tokens"], mb["position_ids"], None, labels=mb["labels"],
                            packed_seq_params=packed_documents(mb.get("cu_seqlens")))
-        loss = (per_token.float() * mb["loss_mask"]).sum()
+        per_sample = (per_token.float() * mb["loss_mask"]).sum(-1)
+        loss = per_sample.sum()
         loss.backward()
         loss_sum += loss.detach()
         num_tokens += mb["loss_mask"].sum()
+        if "task" in mb:
+            task_sums.index_add_(1, mb["task"], torch.stack([per_sample.detach(), mb["loss_mask"].sum(-1)]))
     optimizer.reduce_gradients(num_tokens)  # num_tokens becomes the global count
     grad_norm = optimizer.step(lr)
     dist.all_reduce(loss_sum, group=dp_cp_group)
-    return (loss_sum / num_tokens.clamp(min=1)).item(), grad_norm
+    dist.all_reduce(task_sums, group=dp_cp_group)
+    per_task = {name: (task_sums[0, i] / task_sums[1, i]).item()
+                for i, name in enumerate(task_names) if task_sums[1, i] > 0}
+    return (loss_sum / num_tokens.clamp(min=1)).item(), grad_norm, per_task
 
 
 def take_comm_stats(model: torch.nn.Module) -> dict[str, float]:
@@ -165,6 +175,7 @@ def train(config: JobConfig, device: torch.device) -> None:
                          source.guessing_loss)
         ps = parallel_state
         dp_cp_group = ps.get_data_parallel_group(with_context_parallel=True)
+        task_names = source.names if isinstance(source, TaskMix) else []
         metrics = MetricsWriter(paths, step) if rank0 else None
         progress = Progress(step, t.max_steps, t.log_interval, t.global_batch_size * t.seq_length) if rank0 else None
         job_yaml = OmegaConf.to_yaml(OmegaConf.structured(config))
@@ -173,14 +184,15 @@ def train(config: JobConfig, device: torch.device) -> None:
             batches = step_microbatches(source, consumed, config, ps.get_data_parallel_rank(),
                                         ps.get_data_parallel_world_size(), ps.get_context_parallel_rank(),
                                         ps.get_context_parallel_world_size(), device)
-            loss, grad_norm = train_step(optimizer.module, optimizer, batches, lr, dp_cp_group)
+            loss, grad_norm, task_losses = train_step(optimizer.module, optimizer, batches, lr, dp_cp_group,
+                                                      task_names)
             step, consumed = step + 1, consumed + t.global_batch_size
             maybe_crash("step", step, paths.checkpoints)
             comm = take_comm_stats(model)
             if rank0:
                 tokens_per_s = progress.update(step, loss, lr, grad_norm)
                 metrics.write(step, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-                                     **comm})
+                                     **{f"loss/{name}": value for name, value in task_losses.items()}, **comm})
                 if comm and step == 1:
                     log.info("context-parallel bytes of rank 0 in step 1 (MiB): %s",
                              {k.removeprefix("cp_comm/"): round(v, 2) for k, v in comm.items()})
