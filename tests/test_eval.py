@@ -111,6 +111,12 @@ def test_missing_run_directory(tmp_path, capsys):
     _fails(capsys, tmp_path / "nope", tmp_path / "out", f"--run {tmp_path / 'nope'}: no such directory")
 
 
+def test_lengths_too_short_for_the_tasks(trained, tmp_path, capsys):
+    assert cli.main(["--run", str(trained), "--out", str(tmp_path / "out"), "--seq-lens", "64,256"]) == 2
+    assert "--seq-lens: 64 is shorter than the" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_run_without_a_checkpoint(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     _fails(capsys, tmp_path / "empty", tmp_path / "out", "no checkpoint", "latest does not exist")

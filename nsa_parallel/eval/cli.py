@@ -71,17 +71,35 @@ def _check_args(args: argparse.Namespace) -> None:
         raise RunError("--device cuda: no CUDA device is visible")
 
 
+def _prepare(args: argparse.Namespace) -> dict[str, tuple]:
+    """Every run's directory, checkpoint, config, corpus and tasks, checked before any model is built."""
+    from ..train.tasks import Corpus, corpus_tasks
+    from .run import prepare_run
+
+    wanted = tuple(task for task in TASKS if task in args.tasks)
+    prepared = {}
+    for run in (r.resolve() for r in args.run):
+        checkpoint, config = prepare_run(run, corpus=args.corpus)
+        try:
+            tasks = corpus_tasks(Corpus(config.data.path), config.model.vocab_size, config.data.num_pairs, wanted)
+        except ValueError as err:
+            raise RunError(f"{checkpoint}/job.yaml: {err}") from None
+        shortest = max(task.min_seq_length() for task in tasks.values())
+        if args.seq_lens and min(args.seq_lens) < shortest:
+            raise RunError(f"--seq-lens: {min(args.seq_lens)} is shorter than the {shortest} tokens {wanted} need")
+        prepared[run.name] = (run, checkpoint, config, tasks)
+    return prepared
+
+
 def _evaluate(args: argparse.Namespace) -> dict:
     from megatron.core import parallel_state
 
     from ..train.model import init_model_parallel
-    from .run import load_model, prepare_run
-    from .score import EVAL_SEED
     from ..train.single_process import process_group
-    from ..train.tasks import Corpus, corpus_tasks
+    from .run import load_model
+    from .score import EVAL_SEED
 
-    prepared = {run.resolve().name: (run.resolve(), *prepare_run(run.resolve(), corpus=args.corpus))
-                for run in args.run}
+    prepared = _prepare(args)
     first = next(iter(prepared.values()))[2]
     seq_lens = args.seq_lens or [first.train.seq_length // 2, first.train.seq_length, 2 * first.train.seq_length]
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -90,12 +108,8 @@ def _evaluate(args: argparse.Namespace) -> dict:
     with process_group(device):
         init_model_parallel(first, device)
         try:
-            for name, (run, checkpoint, config) in prepared.items():
+            for name, (run, checkpoint, config, tasks) in prepared.items():
                 log.info("%s: %s (%s attention)", name, checkpoint, config.model.attention)
-                try:
-                    tasks = corpus_tasks(Corpus(config.data.path), config.model.vocab_size, config.data.num_pairs)
-                except ValueError as err:
-                    raise RunError(f"{checkpoint}/job.yaml: {err}") from None
                 model = load_model(checkpoint, config, device, max(seq_lens))
                 results[name] = _score(args, run, checkpoint, config, model, tasks, seq_lens, device)
                 del model
