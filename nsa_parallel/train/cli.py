@@ -62,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_console()
     try:
         config = load_job_config(args.config, args.overrides)
-        # Workers may run elsewhere (another directory, another node): give them an absolute path.
+        # Workers and nsa-eval may run elsewhere (another directory, another node): give them absolute paths.
         config.train.output_dir = str(Path(config.train.output_dir).resolve())
+        if config.data.path is not None:
+            config.data.path = str(Path(config.data.path).resolve())
         run = _prepare(config, args.no_ray)
     except ValueError as err:
         print(f"nsa-train: error: {err}", file=sys.stderr)
