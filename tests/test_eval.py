@@ -63,6 +63,8 @@ def test_every_length_and_depth_is_scored_and_plotted(trained, tmp_path):
         for row in grid.values():
             assert list(row) == [str(d) for d in DEPTHS]
             assert all(0.0 <= value <= 1.0 for value in row.values()), row
+        for answers in run[task]["answer_tokens"].values():
+            assert 0.0 <= answers["accuracy"] <= 1.0 and answers["nll"] > 0
     for name in ("passkey.png", "mqar.png", "loss_curves.png"):
         assert (tmp_path / "out" / name).read_bytes().startswith(PNG)
     assert "| nsa | nsa |" in (tmp_path / "out" / "summary.md").read_text()

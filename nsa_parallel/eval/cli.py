@@ -143,13 +143,14 @@ def _score(args, run: Path, checkpoint: Path, config, model, tasks: dict, seq_le
         log.info("%s: held-out loss %.4f bits per token at %d tokens", run.name, bits, t.seq_length)
         result["heldout"] = {"seq_length": t.seq_length, "samples": args.lm_samples, "bits_per_token": bits}
     if "passkey" in args.tasks:
+        accuracy, digits = passkey_accuracy(model, tasks["passkey"], seq_lens, args.depths, args.samples, device)
         result["passkey"] = {"samples": args.samples, "chance": 10.0 ** -tasks["passkey"].DIGITS,
-                             "accuracy": passkey_accuracy(model, tasks["passkey"], seq_lens, args.depths,
-                                                          args.samples, device)}
+                             "accuracy": accuracy, "answer_tokens": digits}
     if "mqar" in args.tasks:
-        accuracy, queries = mqar_accuracy(model, tasks["mqar"], seq_lens, args.depths, args.samples, device)
+        accuracy, queries, values = mqar_accuracy(model, tasks["mqar"], seq_lens, args.depths, args.samples,
+                                                  device)
         result["mqar"] = {"samples": args.samples, "chance": 1 / tasks["mqar"].num_ids, "accuracy": accuracy,
-                          "queries": queries}
+                          "queries": queries, "answer_tokens": values}
     return result
 
 

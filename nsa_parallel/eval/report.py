@@ -37,11 +37,15 @@ def _grid(name: str, task: str, result: dict) -> list[str]:
     grid = result[task]["accuracy"]
     depths = list(next(iter(grid.values())))
     per_cell = "samples per cell" if task == "passkey" else "samples per length, queries binned by depth"
-    lines = [f"{name}, {task} accuracy ({result[task]['samples']} {per_cell}):", "",
-             "| length | " + " | ".join(f"depth {float(d):g}" for d in depths) + " | mean |",
-             "|---|" + "---|" * (len(depths) + 1)]
+    lines = [f"{name}, {task} accuracy ({result[task]['samples']} {per_cell}; answer tokens: per-token accuracy "
+             "and loss in nats over all depths):", "",
+             "| length | " + " | ".join(f"depth {float(d):g}" for d in depths) + " | mean | answer tokens |",
+             "|---|" + "---|" * (len(depths) + 2)]
     for length, row in grid.items():
-        lines.append(f"| {length} | " + " | ".join(_fmt(row[d]) for d in depths) + f" | {_fmt(_mean(row.values()))} |")
+        answer = result[task].get("answer_tokens", {}).get(length)
+        tokens = f"{answer['accuracy']:.2f} / {answer['nll']:.2f}" if answer else "-"
+        lines.append(f"| {length} | " + " | ".join(_fmt(row[d]) for d in depths)
+                     + f" | {_fmt(_mean(row.values()))} | {tokens} |")
     return lines + [""]
 
 
