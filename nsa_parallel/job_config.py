@@ -64,6 +64,9 @@ class TrainSection:
     clip_grad: float = 1.0  # max global gradient norm; 0 turns clipping off
     seed: int = 1234
     precision: str = "bf16"
+    # "token": the loss is the mean over all loss tokens (Megatron's); "sample": the mean of each
+    # sample's own mean, so a task mix weighs its tasks by samples, not by their loss tokens.
+    loss_normalization: str = "token"
 
 
 @dataclass
@@ -112,6 +115,7 @@ class JobConfig:
 
 
 PRECISIONS = ("bf16", "fp32")
+LOSS_NORMALIZATIONS = ("token", "sample")
 ATTENTIONS = ("nsa", "full")
 
 
@@ -166,6 +170,11 @@ def validate(c: JobConfig) -> None:
         raise ValueError(f"launch.max_failures ({lc.max_failures}) must not be negative")
     if t.clip_grad < 0:
         raise ValueError(f"train.clip_grad ({t.clip_grad}) must not be negative (0 turns clipping off)")
+    if t.loss_normalization not in LOSS_NORMALIZATIONS:
+        raise ValueError(f"train.loss_normalization ({t.loss_normalization!r}) must be one of {LOSS_NORMALIZATIONS}")
+    if t.loss_normalization == "sample" and c.data.eod_token is not None:
+        raise ValueError("train.loss_normalization=sample and data.eod_token cannot be combined: a row of packed "
+                         "documents is not one sample")
     if t.precision not in PRECISIONS:
         raise ValueError(f"train.precision ({t.precision!r}) must be one of {PRECISIONS}")
     if t.precision == "bf16" and lc.gpus_per_worker == 0:

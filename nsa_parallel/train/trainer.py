@@ -106,36 +106,48 @@ def packed_documents(cu_seqlens: torch.Tensor | None) -> PackedSeqParams | None:
 
 
 def train_step(module: torch.nn.Module, optimizer, microbatches: list[dict[str, torch.Tensor]], lr: float,
-               dp_cp_group: dist.ProcessGroup, task_names: list[str] = ()) -> tuple[float, float, dict[str, float]]:
+               dp_cp_group: dist.ProcessGroup, task_names: list[str] = (), by_sample: bool = False
+               ) -> tuple[float, float, dict[str, float]]:
     """One optimizer step over this rank's micro-batches; returns (global mean loss, grad norm, the
     global mean loss of each of ``task_names`` that the step's samples hold).
 
-    Each micro-batch's loss is summed over its loss tokens; gradients and token counts are
-    summed over all replicas and divided once, so the loss is the exact mean over every
-    loss token of the global batch, however it is split over micro-batches and ranks.
-    Micro-batches of a task mix carry each sample's task (``task``, an index into ``task_names``).
+    The loss is the exact mean over every loss token of the global batch, or with ``by_sample``
+    the mean over its samples of each sample's own mean (so that a task's share of the gradient
+    is its share of the samples, however many loss tokens it has), however the batch is split
+    over micro-batches and ranks: each micro-batch's loss is summed, gradients and the token (or
+    sample) count are summed over all replicas and divided once. Micro-batches of a task mix
+    carry each sample's task (``task``, an index into ``task_names``); per-task losses are per token.
     """
     optimizer.zero_grad()
     device = microbatches[0]["tokens"].device
-    loss_sum, num_tokens = torch.zeros((), device=device), torch.zeros((), device=device)
+    cp_group = parallel_state.get_context_parallel_group()
+    counts_samples = by_sample and parallel_state.get_context_parallel_rank() == 0  # a sample spans the CP ranks
+    loss_sum, count = torch.zeros((), device=device), torch.zeros((), device=device)
     task_sums = torch.zeros(2, len(task_names), device=device)  # loss, tokens
     for mb in microbatches:
         per_token = module(mb["tokens"], mb["position_ids"], None, labels=mb["labels"],
                            packed_seq_params=packed_documents(mb.get("cu_seqlens")))
-        per_sample = (per_token.float() * mb["loss_mask"]).sum(-1)
-        loss = per_sample.sum()
+        sample_loss = (per_token.float() * mb["loss_mask"]).sum(-1)
+        sample_tokens = mb["loss_mask"].sum(-1)
+        if by_sample:
+            whole = sample_tokens.clone()
+            dist.all_reduce(whole, group=cp_group)  # this rank holds a share of each sample's tokens
+            loss = (sample_loss / whole.clamp(min=1)).sum()
+            count += (whole > 0).sum() if counts_samples else 0
+        else:
+            loss = sample_loss.sum()
+            count += sample_tokens.sum()
         loss.backward()
         loss_sum += loss.detach()
-        num_tokens += mb["loss_mask"].sum()
         if "task" in mb:
-            task_sums.index_add_(1, mb["task"], torch.stack([per_sample.detach(), mb["loss_mask"].sum(-1)]))
-    optimizer.reduce_gradients(num_tokens)  # num_tokens becomes the global count
+            task_sums.index_add_(1, mb["task"], torch.stack([sample_loss.detach(), sample_tokens]))
+    optimizer.reduce_gradients(count)  # count becomes the global count
     grad_norm = optimizer.step(lr)
     dist.all_reduce(loss_sum, group=dp_cp_group)
     dist.all_reduce(task_sums, group=dp_cp_group)
     per_task = {name: (task_sums[0, i] / task_sums[1, i]).item()
                 for i, name in enumerate(task_names) if task_sums[1, i] > 0}
-    return (loss_sum / num_tokens.clamp(min=1)).item(), grad_norm, per_task
+    return (loss_sum / count.clamp(min=1)).item(), grad_norm, per_task
 
 
 def take_comm_stats(model: torch.nn.Module) -> dict[str, float]:
@@ -185,7 +197,7 @@ def train(config: JobConfig, device: torch.device) -> None:
                                         ps.get_data_parallel_world_size(), ps.get_context_parallel_rank(),
                                         ps.get_context_parallel_world_size(), device)
             loss, grad_norm, task_losses = train_step(optimizer.module, optimizer, batches, lr, dp_cp_group,
-                                                      task_names)
+                                                      task_names, t.loss_normalization == "sample")
             step, consumed = step + 1, consumed + t.global_batch_size
             maybe_crash("step", step, paths.checkpoints)
             comm = take_comm_stats(model)
