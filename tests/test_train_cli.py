@@ -37,6 +37,35 @@ def test_bad_job_fails_before_any_work_naming_the_key(overrides, message, tmp_pa
 
 
 @pytest.mark.parametrize("overrides, message", [
+    (["train.lr=-1"], "train.lr (-1.0) must be positive and finite"),
+    (["train.lr=0"], "train.lr (0.0) must be positive and finite"),
+    (["train.lr=nan"], "train.lr (nan) must be positive and finite"),
+    (["train.lr=inf"], "train.lr (inf) must be positive and finite"),
+    (["train.min_lr=0.01"], "train.min_lr (0.01) must be in [0, train.lr (0.003)]"),
+    (["train.min_lr=-1e-5"], "train.min_lr (-1e-05) must be in [0, train.lr (0.003)]"),
+    (["train.warmup_steps=-1"], "train.warmup_steps (-1) must be >= 0"),
+    (["train.weight_decay=-0.1"], "train.weight_decay (-0.1) must be finite and >= 0"),
+    (["train.weight_decay=inf"], "train.weight_decay (inf) must be finite and >= 0"),
+    (["train.clip_grad=nan"], "train.clip_grad (nan) must be finite and >= 0"),
+    (["model.rotary_base=0"], "model.rotary_base (0.0) must be positive and finite"),
+    (["model.rotary_base=-inf"], "model.rotary_base (-inf) must be positive and finite"),
+    (["train.seed=-1"], "train.seed (-1) must be in [0, 2**32)"),
+    (["train.lr=[1"], "invalid override"),
+    ("syntax", "YAML syntax error at line 4, column 2: found a tab character"),
+])
+def test_bad_numbers_and_yaml_syntax_are_config_errors(overrides, message, tmp_path, capsys):
+    config, out = TINY, tmp_path / "run"
+    if overrides == "syntax":  # a tab where YAML wants spaces: line 4, column 2
+        config = tmp_path / "broken.yaml"
+        config.write_text(f"base: {TINY}\ntrain:\n  lr: 1.0e-3\n \tmin_lr: 1.0e-4\n")
+        message, overrides = f"config file {config}: {message}", []
+    assert cli.main(["--config", str(config), f"train.output_dir={out}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nsa-train: error: ") and message in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
     (["launch.cpus_per_worker=100000"],
      "launch.num_workers (2) x launch.cpus_per_worker (100000) = 200000 CPUs, but this machine has"),
     (["launch.num_workers=1024", "train.global_batch_size=512", "launch.gpus_per_worker=1", "train.precision=bf16"],
