@@ -1,7 +1,9 @@
 """The nsa-train command: bad configs and resources fail before any work, naming the key; --no-ray trains
 on Megatron's GPTDataset."""
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nsa_parallel.job_config import load_job_config
 from nsa_parallel.train import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +88,68 @@ def test_no_ray_needs_as_many_processes_as_workers(tmp_path, capsys):
     assert cli.main(["--config", TINY, "--no-ray", f"train.output_dir={out}"]) == 2
     assert "launch.num_workers (2) must equal the number of processes (1) with --no-ray" in capsys.readouterr().err
     assert not out.exists()
+
+
+ONE_WORKER = ["parallel.context_parallel_size=1", "launch.num_workers=1"]
+
+
+def _no_ray(out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``nsa-train --no-ray`` on configs/tiny.yaml in one process (CP=1)."""
+    return subprocess.run([sys.executable, "-m", "nsa_parallel.train", "--config", TINY, "--no-ray", *ONE_WORKER,
+                           f"train.output_dir={out}", *overrides], check=False, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _on_disk(out: Path) -> dict[str, str]:
+    """The checkpoints directory: each entry, with what ``latest`` names."""
+    root = out / "checkpoints"
+    return {p.name: p.read_text().strip() if p.name == "latest" else "" for p in sorted(root.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A tiny run of 2 steps on one process, checkpointed at steps 1 and 2."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    run = _no_ray(out, "train.max_steps=2", "train.checkpoint_interval=1")
+    assert run.returncode == 0, run.stdout + run.stderr
+    return out
+
+
+@pytest.mark.parametrize("overrides, differences", [
+    (["model.vocab_size=128"], ["model.vocab_size: 64 in the checkpoint, 128 now"]),
+    (["nsa.select_block_size=32", "nsa.num_selected_blocks=3", "nsa.window_size=64"],
+     ["nsa.num_selected_blocks: 4 in the checkpoint, 3 now", "nsa.select_block_size: 16 in the checkpoint, 32 now",
+      "nsa.window_size: 32 in the checkpoint, 64 now"]),
+    (["model.hidden_size=128", "nsa.compress_block_size=8"],
+     ["model.hidden_size: 64 in the checkpoint, 128 now", "nsa.compress_block_size: 16 in the checkpoint, 8 now"]),
+    (["train.seq_length=1024", "data.num_pairs=20", "train.max_steps=8"],
+     ["data.num_pairs: 24 in the checkpoint, 20 now", "train.seq_length: 512 in the checkpoint, 1024 now"]),
+])
+def test_resume_with_changed_model_or_data_fails_before_any_work(trained, overrides, differences, tmp_path, capsys):
+    ray = pytest.importorskip("ray")
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    before = _on_disk(out)
+    assert cli.main(["--config", TINY, f"train.output_dir={out}", *ONE_WORKER, *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"nsa-train: error: train.output_dir ({out}) resumes from {out / 'checkpoints' / 'step_00000002'}")
+    assert "\n  " + "\n  ".join(differences) + "\n" in err, err  # every differing key, and only those
+    assert _on_disk(out) == before and not ray.is_initialized()
+
+
+def test_resume_lists_the_settings_that_may_change(trained, caplog):
+    config = load_job_config(TINY, [f"train.output_dir={trained}", *ONE_WORKER, "train.max_steps=80", "train.lr=1e-3",
+                                    "train.log_interval=1", "parallel.tensor_model_parallel_size=2",
+                                    "launch.num_workers=2"])
+    with caplog.at_level(logging.INFO, logger="nsa_parallel.train"):
+        cli._check_resume(config)
+    assert (f"resuming from {trained / 'checkpoints' / 'step_00000002'} with these settings changed:\n"
+            "  launch.num_workers: 1 in the checkpoint, 2 now\n"
+            "  parallel.tensor_model_parallel_size: 1 in the checkpoint, 2 now\n"
+            "  train.checkpoint_interval: 1 in the checkpoint, 20 now\n"
+            "  train.log_interval: 5 in the checkpoint, 1 now\n"
+            "  train.lr: 0.003 in the checkpoint, 0.001 now\n"
+            "  train.max_steps: 2 in the checkpoint, 80 now") in caplog.text
 
 
 def _indexed_dataset(prefix: Path, vocab: int, eod: int | None = None) -> None:

@@ -33,9 +33,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_resume(config: JobConfig) -> None:
+    """The checkpoint this run resumes from, if any, must have been written with the same model and data."""
+    from .checkpoint import latest_checkpoint
+    from .resume_config import check_resume_config
+
+    checkpoint = latest_checkpoint(RunPaths(Path(config.train.output_dir)).checkpoints)
+    if checkpoint is None:
+        return
+    changed = check_resume_config(config, checkpoint)
+    if changed and int(os.environ.get("RANK", "0")) == 0:
+        log.info("resuming from %s with these settings changed:\n  %s", checkpoint, "\n  ".join(changed))
+
+
 def _prepare(config: JobConfig, no_ray: bool) -> Callable[[], None]:
     """Checks everything that can fail before training; returns the function that trains."""
     check_job(config)
+    _check_resume(config)
     if no_ray:
         from .single_process import check_single_process, run_single_process
         check_single_process(config)
