@@ -1,5 +1,6 @@
 """The nsa-train command: bad configs and resources fail before any work, naming the key; --no-ray trains
 on Megatron's GPTDataset."""
+import importlib.util
 import json
 import logging
 import os
@@ -164,6 +165,28 @@ def _indexed_dataset(prefix: Path, vocab: int, eod: int | None = None) -> None:
             doc = torch.cat([doc, torch.tensor([eod])])
         builder.add_document(doc, [len(doc)])
     builder.finalize(f"{prefix}.idx")
+
+
+def _code_corpus(prefix: Path) -> None:
+    """benchmarks/make_code_corpus.py --eod over a few files: byte tokens and EOD 256 (uint16)."""
+    spec = importlib.util.spec_from_file_location("make_code_corpus", ROOT / "benchmarks" / "make_code_corpus.py")
+    mcc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mcc)
+    mcc.write_corpus(mcc.source_files(ROOT / "nsa_parallel" / "train"), prefix, max_bytes=2**20, eod=True)
+
+
+@pytest.mark.parametrize("corpus, vocab_size, largest", [("code", 256, 256), ("int32", 48, 62)])
+def test_token_ids_beyond_the_vocabulary_fail_before_any_work(corpus, vocab_size, largest, tmp_path, capsys):
+    pytest.importorskip("megatron.core")
+    ray = pytest.importorskip("ray")
+    prefix, out = tmp_path / "corpus", tmp_path / "run"
+    _code_corpus(prefix) if corpus == "code" else _indexed_dataset(prefix, vocab=64)
+    assert cli.main(["--config", TINY, f"train.output_dir={out}", f"data.path={prefix}",
+                     f"model.vocab_size={vocab_size}", "train.max_steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"nsa-train: error: data.path ({prefix}) holds token id {largest} (the largest found), "
+                          f"but model.vocab_size is {vocab_size}"), err
+    assert not out.exists() and not ray.is_initialized()
 
 
 @pytest.mark.parametrize("eod", [None, 63], ids=["across-documents", "packed-documents"])
