@@ -153,6 +153,29 @@ def test_resume_lists_the_settings_that_may_change(trained, caplog):
             "  train.max_steps: 2 in the checkpoint, 80 now") in caplog.text
 
 
+def _tensors(checkpoint: Path, tmp_path: Path) -> dict:
+    """A Megatron (torch_dist) checkpoint's tensors, read without a process group."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(checkpoint, tmp_path / "flat.pt")
+    return {k: v for k, v in torch.load(tmp_path / "flat.pt", weights_only=False).items() if torch.is_tensor(v)}
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_good_checkpoints(tmp_path):
+    pytest.importorskip("megatron.core")
+    out = tmp_path / "run"
+    run = _no_ray(out, "train.lr=1e6", "train.clip_grad=0", "train.max_steps=6", "train.checkpoint_interval=1",
+                  "train.keep_checkpoints=1")
+    assert run.returncode == 2, run.stdout + run.stderr
+    good = out / "checkpoints" / "step_00000001"
+    assert (f"nsa-train: error: step 2: the loss is nan and the gradient norm nan; training stopped without saving, "
+            f"and the last good checkpoint is {good} (a rerun resumes from it)") in run.stderr
+    assert "Traceback" not in run.stderr and "the same command resumes" not in run.stderr
+    assert _on_disk(out) == {"latest": "step_00000001", "step_00000001": ""}  # step 1 neither replaced nor pruned
+    tensors = _tensors(good, tmp_path)
+    assert len(tensors) > 50 and all(torch.isfinite(t).all() for t in tensors.values())
+
+
 def _indexed_dataset(prefix: Path, vocab: int, eod: int | None = None) -> None:
     import numpy
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder

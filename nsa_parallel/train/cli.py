@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..job_config import JobConfig, load_job_config
+from .errors import JobError
 from .logs import configure_console
 from .paths import RunPaths
 from .preflight import check_job
@@ -85,12 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         run()
+    except JobError as err:  # the same command would fail alike: no traceback, no "resumes"
+        print(f"nsa-train: error: {err}", file=sys.stderr)
+        status = 2
     except Exception as err:  # on Ray, the worker's traceback is in the log already
         log.error("training failed: %s", err, exc_info=args.no_ray)
         status = 1
     paths = RunPaths(Path(config.train.output_dir))
     if int(os.environ.get("RANK", "0")) == 0 and paths.checkpoints.is_dir():
         _report(paths)
-    if status:
+    if status == 1:
         print("nsa-train: training failed; the same command resumes from the latest checkpoint", file=sys.stderr)
     return status

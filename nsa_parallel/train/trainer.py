@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import RetrievalTask, step_microbatches, token_source
+from .errors import JobError
 from .fault import maybe_crash
 from .metrics import MetricsWriter
 from .model import build_model, init_model_parallel
@@ -76,11 +78,11 @@ def _checkpoint_state(model, optimizer, step: int, consumed_samples: int, device
     return state
 
 
-def _resume(paths: RunPaths, model, optimizer, device: torch.device) -> tuple[int, int]:
-    """Loads the latest checkpoint if there is one; returns (step, consumed samples)."""
+def _resume(paths: RunPaths, model, optimizer, device: torch.device) -> tuple[int, int, Path | None]:
+    """Loads the latest checkpoint if there is one; returns (step, consumed samples, its path)."""
     path = latest_checkpoint(paths.checkpoints)
     if path is None:
-        return 0, 0
+        return 0, 0, None
     common = load_common(path)
     # RNG states are per parallel position; after a change of layout they start afresh.
     same_layout = common["parallel_layout"] == _parallel_layout()
@@ -92,7 +94,19 @@ def _resume(paths: RunPaths, model, optimizer, device: torch.device) -> tuple[in
         _set_rng_state(loaded["rng_state"])
     if dist.get_rank() == 0:
         log.info("resuming from %s (step %d)", path, loaded["step"])
-    return loaded["step"], loaded["consumed_samples"]
+    return loaded["step"], loaded["consumed_samples"], path
+
+
+def check_finite(step: int, loss: float, grad_norm: float, last_good: Path | None) -> None:
+    """Stops training at a non-finite loss or gradient norm, before anything is saved or pruned.
+
+    Both values are reduced over all ranks, so every rank stops at the same step.
+    """
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    rerun = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+    raise JobError(f"step {step}: the loss is {loss} and the gradient norm {grad_norm}; training stopped without "
+                   f"saving, and {rerun} (a rerun resumes from it): lower train.lr, or clip with train.clip_grad")
 
 
 def packed_documents(cu_seqlens: torch.Tensor | None) -> PackedSeqParams | None:
@@ -154,7 +168,7 @@ def train(config: JobConfig, device: torch.device) -> None:
         model = build_model(config, device)
         optimizer = build_optimizer(model, t, device)
         source = token_source(config, paths.data_cache)
-        step, consumed = _resume(paths, model, optimizer, device)
+        step, consumed, last_good = _resume(paths, model, optimizer, device)
         if rank0:
             log.info("%s attention, %.1fM parameters per model-parallel rank, parallel layout %s; steps %d to %d",
                      config.model.attention, sum(p.numel() for p in model.parameters()) / 1e6, _parallel_layout(),
@@ -184,11 +198,12 @@ def train(config: JobConfig, device: torch.device) -> None:
                 if comm and step == 1:
                     log.info("context-parallel bytes of rank 0 in step 1 (MiB): %s",
                              {k.removeprefix("cp_comm/"): round(v, 2) for k, v in comm.items()})
+            check_finite(step, loss, grad_norm, last_good)
             if step % t.checkpoint_interval == 0 or step == t.max_steps:
                 state = _checkpoint_state(model, optimizer, step, consumed, device)
-                saved = save_checkpoint(paths.checkpoints, step, state, t.keep_checkpoints, {"job.yaml": job_yaml})
+                last_good = save_checkpoint(paths.checkpoints, step, state, t.keep_checkpoints, {"job.yaml": job_yaml})
                 if rank0:
-                    log.info("saved checkpoint %s", saved)
+                    log.info("saved checkpoint %s", last_good)
                     progress.restart_clock()  # tokens/s counts training time only
         if rank0:
             progress.close()
