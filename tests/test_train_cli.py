@@ -153,6 +153,32 @@ def test_resume_lists_the_settings_that_may_change(trained, caplog):
             "  train.max_steps: 2 in the checkpoint, 80 now") in caplog.text
 
 
+@pytest.mark.parametrize("damage", ["overwrite 8 KiB", "truncate"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(trained, damage, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    latest, previous = out / "checkpoints" / "step_00000002", out / "checkpoints" / "step_00000001"
+    data = max(latest.glob("*.distcp"), key=lambda p: p.stat().st_size)  # tensor data
+    size = data.stat().st_size
+    if damage == "truncate":
+        os.truncate(data, size // 2)
+        problem = f"{data.name} has {size // 2} bytes, {size} when written"
+    else:
+        with open(data, "r+b") as f:
+            f.seek(size // 2)
+            f.write(bytes(range(256)) * 32)
+        problem = f"{data.name} fails its sha256 checksum"
+    run = _no_ray(out, "train.max_steps=3", "train.checkpoint_interval=1")
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log
+    assert f"checkpoint {latest} is damaged: {problem}; falling back to the previous checkpoint" in log
+    assert f"resuming from {previous} (step 1)" in log
+    # step 2 trained again, bit for bit, and saved in place of the damaged one; step 1 pruned only then
+    losses = [(row["step"], row["loss"]) for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert [step for step, _ in losses] == [1, 2, 2, 3] and losses[1] == losses[2]
+    assert _on_disk(out) == {"latest": "step_00000003", "step_00000002": "", "step_00000003": ""}
+
+
 def _tensors(checkpoint: Path, tmp_path: Path) -> dict:
     """A Megatron (torch_dist) checkpoint's tensors, read without a process group."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save

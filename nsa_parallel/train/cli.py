@@ -36,10 +36,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_resume(config: JobConfig) -> None:
     """The checkpoint this run resumes from, if any, must have been written with the same model and data."""
-    from .checkpoint import latest_checkpoint
-    from .resume_config import check_resume_config
+    from .resume_config import check_resume_config, resume_point
 
-    checkpoint = latest_checkpoint(RunPaths(Path(config.train.output_dir)).checkpoints)
+    # The workers verify checksums, and compare again should they fall back to an earlier checkpoint.
+    checkpoint = resume_point(RunPaths(Path(config.train.output_dir)).checkpoints)
     if checkpoint is None:
         return
     changed = check_resume_config(config, checkpoint)
@@ -64,10 +64,9 @@ def _prepare(config: JobConfig, no_ray: bool) -> Callable[[], None]:
 
 
 def _report(paths: RunPaths) -> None:
-    from .checkpoint import latest_checkpoint
+    from .checkpoint_dirs import latest_name
 
-    latest = latest_checkpoint(paths.checkpoints)
-    print(f"checkpoints:      {paths.checkpoints} (latest: {latest.name if latest else 'none'})")
+    print(f"checkpoints:      {paths.checkpoints} (latest: {latest_name(paths.checkpoints) or 'none'})")
     print(f"TensorBoard logs: {paths.tensorboard}  (view: tensorboard --logdir {paths.tensorboard})")
     print(f"metrics:          {paths.metrics}")
 

@@ -20,6 +20,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from ..job_config import JobConfig
+from .checkpoint_dirs import resume_candidates
+from .errors import JobError
 
 JOB_YAML = "job.yaml"  # the trainer's copy of the run's config, beside each checkpoint
 FIXED_SECTIONS = ("model", "nsa", "data")
@@ -40,11 +42,19 @@ def is_fixed(key: str, on_gpu: bool) -> bool:
     return key.split(".")[0] in FIXED_SECTIONS or key in FIXED_KEYS or (on_gpu and key in GPU_FIXED_KEYS)
 
 
-def config_changes(config: JobConfig, saved_yaml: str) -> tuple[list[str], list[str]]:
+def saved_config(checkpoint: Path) -> dict[str, Any] | None:
+    """The checkpoint's ``job.yaml`` as ``{"train.lr": 0.003, ...}``; None when missing or unreadable."""
+    try:
+        saved = OmegaConf.to_container(OmegaConf.create((checkpoint / JOB_YAML).read_text()))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return _leaves(saved) if isinstance(saved, dict) else None
+
+
+def config_changes(config: JobConfig, saved: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(fixed keys that differ, other keys that differ), each as ``key: SAVED in the checkpoint, NOW now``."""
-    defaults = _leaves(OmegaConf.to_container(OmegaConf.structured(JobConfig)))
     # Keys the checkpoint's version did not have yet take their defaults.
-    saved = {**defaults, **_leaves(OmegaConf.to_container(OmegaConf.create(saved_yaml)))}
+    saved = {**_leaves(OmegaConf.to_container(OmegaConf.structured(JobConfig))), **saved}
     now = _leaves(OmegaConf.to_container(OmegaConf.structured(config)))
     fixed, free = [], []
     for key in sorted(saved.keys() | now.keys()):
@@ -56,15 +66,20 @@ def config_changes(config: JobConfig, saved_yaml: str) -> tuple[list[str], list[
 
 
 def check_resume_config(config: JobConfig, checkpoint: Path) -> list[str]:
-    """Raises ``ValueError`` naming every setting that differs from ``checkpoint``'s and must
+    """Raises ``JobError`` naming every setting that differs from ``checkpoint``'s and must
     not; returns the others."""
-    saved = checkpoint / JOB_YAML
-    try:
-        fixed, free = config_changes(config, saved.read_text())
-    except (OSError, ValueError, yaml.YAMLError) as err:
-        raise ValueError(f"{saved} cannot be compared with this run's config: {err}") from None
+    saved = saved_config(checkpoint)
+    if saved is None:
+        raise JobError(f"{checkpoint / JOB_YAML} is missing or unreadable: cannot compare it with this run's config")
+    fixed, free = config_changes(config, saved)
     if fixed:
-        raise ValueError(f"train.output_dir ({config.train.output_dir}) resumes from {checkpoint}, but these "
-                         "settings change the model or its data:\n  " + "\n  ".join(fixed)
-                         + f"\nset them as in {saved}, or give the run another train.output_dir")
+        raise JobError(f"train.output_dir ({config.train.output_dir}) resumes from {checkpoint}, but these "
+                       "settings change the model or its data:\n  " + "\n  ".join(fixed)
+                       + f"\nset them as in {checkpoint / JOB_YAML}, or give the run another train.output_dir")
     return free
+
+
+def resume_point(root: Path) -> Path | None:
+    """The checkpoint a run will most likely resume from, at a glance (no checksums): the first
+    candidate with a readable ``job.yaml``. The workers verify it and may fall back further."""
+    return next((p for p in resume_candidates(root) if saved_config(p) is not None), None)

@@ -18,13 +18,8 @@ from omegaconf import OmegaConf
 
 from ..context_parallel import CommStats
 from ..job_config import JobConfig
-from .checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    load_common,
-    remove_interrupted,
-    save_checkpoint,
-)
+from .checkpoint import load_checkpoint, load_common, save_checkpoint, verify_checkpoint
+from .checkpoint_dirs import remove_interrupted, resume_candidates
 from .data import RetrievalTask, step_microbatches, token_source
 from .errors import JobError
 from .fault import maybe_crash
@@ -33,6 +28,7 @@ from .model import build_model, init_model_parallel
 from .optimizer import DIST_CKPT_METADATA, build_optimizer
 from .paths import RunPaths
 from .progress import Progress
+from .resume_config import check_resume_config
 from .schedule import learning_rate
 
 log = logging.getLogger(__name__)
@@ -78,11 +74,8 @@ def _checkpoint_state(model, optimizer, step: int, consumed_samples: int, device
     return state
 
 
-def _resume(paths: RunPaths, model, optimizer, device: torch.device) -> tuple[int, int, Path | None]:
-    """Loads the latest checkpoint if there is one; returns (step, consumed samples, its path)."""
-    path = latest_checkpoint(paths.checkpoints)
-    if path is None:
-        return 0, 0, None
+def _load(path: Path, model, optimizer, device: torch.device) -> tuple[int, int]:
+    """Loads checkpoint ``path`` into the model, the optimizer and the RNGs; returns (step, consumed samples)."""
     common = load_common(path)
     # RNG states are per parallel position; after a change of layout they start afresh.
     same_layout = common["parallel_layout"] == _parallel_layout()
@@ -92,9 +85,46 @@ def _resume(paths: RunPaths, model, optimizer, device: torch.device) -> tuple[in
     optimizer.load_state_dict(loaded["optimizer"], loaded["step"])
     if same_layout:
         _set_rng_state(loaded["rng_state"])
-    if dist.get_rank() == 0:
-        log.info("resuming from %s (step %d)", path, loaded["step"])
-    return loaded["step"], loaded["consumed_samples"], path
+    return loaded["step"], loaded["consumed_samples"]
+
+
+def _try_load(config: JobConfig, path: Path, model, optimizer, device: torch.device) -> tuple[int, int] | str:
+    """All ranks: (step, consumed samples) from ``path``, or what is wrong with it (alike on every rank)."""
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        return problem
+    check_resume_config(config, path)  # JobError, alike on every rank
+    try:
+        result: tuple[int, int] | str = _load(path, model, optimizer, device)
+    except Exception as err:  # noqa: BLE001  a checkpoint that verifies but does not load is as bad
+        result = f"it does not load ({type(err).__name__}: {err})"
+    failed = torch.tensor([isinstance(result, str)], dtype=torch.int32, device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    return result if isinstance(result, str) or not failed.item() else "it does not load on another rank"
+
+
+def _resume(config: JobConfig, paths: RunPaths, model, optimizer,
+            device: torch.device) -> tuple[int, int, Path | None]:
+    """Loads the newest checkpoint that verifies and loads, falling back from a damaged ``latest``;
+    returns (step, consumed samples, its path). Raises ``JobError`` when none does: starting
+    afresh would prune them."""
+    rank0 = dist.get_rank() == 0
+    box = [resume_candidates(paths.checkpoints) if rank0 else None]
+    dist.broadcast_object_list(box, src=0)
+    problems = []
+    for path in box[0]:
+        loaded = _try_load(config, path, model, optimizer, device)
+        if not isinstance(loaded, str):
+            if rank0:
+                log.info("resuming from %s (step %d)", path, loaded[0])
+            return *loaded, path
+        if rank0:
+            log.warning("checkpoint %s is damaged: %s; falling back to the previous checkpoint", path, loaded)
+        problems.append(f"{path}: {loaded}")
+    if problems:
+        raise JobError(f"no checkpoint under {paths.checkpoints} verifies and loads:\n  " + "\n  ".join(problems)
+                       + f"\nmove {paths.checkpoints} away to start afresh")
+    return 0, 0, None
 
 
 def check_finite(step: int, loss: float, grad_norm: float, last_good: Path | None) -> None:
@@ -168,7 +198,7 @@ def train(config: JobConfig, device: torch.device) -> None:
         model = build_model(config, device)
         optimizer = build_optimizer(model, t, device)
         source = token_source(config, paths.data_cache)
-        step, consumed, last_good = _resume(paths, model, optimizer, device)
+        step, consumed, last_good = _resume(config, paths, model, optimizer, device)
         if rank0:
             log.info("%s attention, %.1fM parameters per model-parallel rank, parallel layout %s; steps %d to %d",
                      config.model.attention, sum(p.numel() for p in model.parameters()) / 1e6, _parallel_layout(),
