@@ -82,7 +82,7 @@ class LaunchSection:
     num_workers: int = 1
     gpus_per_worker: int = 0
     cpus_per_worker: int = 1
-    max_failures: int = 3  # worker-group restarts (each resumes from the latest checkpoint)
+    max_failures: int = 3  # worker-group restarts after a worker dies (each resumes from the latest checkpoint)
 
 
 @dataclass

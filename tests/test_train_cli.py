@@ -5,8 +5,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -177,6 +179,28 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(trained, damag
     losses = [(row["step"], row["loss"]) for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
     assert [step for step, _ in losses] == [1, 2, 2, 3] and losses[1] == losses[2]
     assert _on_disk(out) == {"latest": "step_00000003", "step_00000002": "", "step_00000003": ""}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_names_the_checkpoint_a_rerun_resumes_from(signum, tmp_path):
+    pytest.importorskip("megatron.core")
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "nsa_parallel.train", "--config", TINY, "--no-ray", *ONE_WORKER,
+                             "train.max_steps=1000", "train.checkpoint_interval=2", f"train.output_dir={out}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoints" / "latest").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum, stdout + stderr
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    assert stderr.splitlines()[-1] == f"nsa-train: interrupted by {signum.name}; the same command resumes from {latest}"
+    assert "Traceback" not in stderr
 
 
 def _tensors(checkpoint: Path, tmp_path: Path) -> dict:
