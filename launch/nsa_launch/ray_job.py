@@ -10,11 +10,21 @@ started again (up to ``launch.max_failures`` times) and the trainer resumes from
 latest checkpoint under ``train.output_dir``, the one source of truth for progress. A
 ``JobError`` in any worker (bad config, data or checkpoint; divergence) would fail alike
 every time, so it is not retried: it ends the run with its own message.
+
+An embedded Ray keeps its session (logs, sockets, object spill) under ``$RAY_TMPDIR/ray``
+(else ``$TMPDIR`` or ``/tmp``) and never deletes it, and Ray Train adds lock files there:
+every run would leave another set behind, and so do the multiprocessing helpers of Ray's
+agents and of the workers, which Ray ends without clean-up. So while an embedded Ray runs,
+``RAY_TMPDIR`` and ``TMPDIR`` point at a fresh ``nsa-ray-*`` directory in that place, deleted
+when Ray has shut down. (Not under ``train.output_dir``: Ray's socket paths must stay under
+108 bytes.)
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +40,8 @@ if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
 
 log = logging.getLogger(__name__)
+
+_TMP_VARS = ("RAY_TMPDIR", "TMPDIR")  # where Ray, then everything else, puts temporary files
 
 
 def _forwarded_env() -> dict[str, str]:
@@ -72,13 +84,25 @@ class RayJob:
     def __init__(self, config: JobConfig):
         self.config = config
         self.address = config.launch.address or os.environ.get("RAY_ADDRESS")
+        self.ray_tmpdir: str | None = None  # an embedded Ray's temporary files, removed by _shutdown
+        self.saved_env: dict[str, str | None] = {}  # what _shutdown restores
         if self.address is None:
             available = local_resources()
             check_resources(config, available, "this machine")  # before starting Ray at all
             log.info("starting a local Ray with %d CPUs and %d GPUs", available["CPU"], available["GPU"])
-            # "local": a new instance even when `ray start` left one running on this machine.
-            ray.init(address="local", num_cpus=int(available["CPU"]), num_gpus=int(available["GPU"]),
-                     runtime_env={"env_vars": _forwarded_env()})
+            system_tmp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"  # Ray's own order
+            self.ray_tmpdir = tempfile.mkdtemp(prefix="nsa-ray-", dir=system_tmp)
+            # Ray's processes and the workers inherit these (Ray's agents and Megatron's checkpoint
+            # writer start multiprocessing helpers, whose pymp-* directories stay when Ray ends them).
+            self.saved_env = {name: os.environ.get(name) for name in _TMP_VARS}
+            os.environ.update(dict.fromkeys(_TMP_VARS, self.ray_tmpdir))
+            try:
+                # "local": a new instance even when `ray start` left one running on this machine.
+                ray.init(address="local", num_cpus=int(available["CPU"]), num_gpus=int(available["GPU"]),
+                         runtime_env={"env_vars": _forwarded_env()})
+            except BaseException:
+                self._shutdown()
+                raise
         else:
             log.info("joining the Ray cluster at %s", self.address)
             ray.init(address=self.address, runtime_env={"env_vars": _forwarded_env()})
@@ -127,5 +151,17 @@ class RayJob:
                     log.warning("the workers failed; restart %d of launch.max_failures (%d): they resume from the "
                                 "latest checkpoint", attempt + 1, restarts)
         finally:
-            if self.address is None:
-                ray.shutdown()
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        """Stops an embedded Ray and deletes its temporary files; leaves a joined cluster running."""
+        if self.ray_tmpdir is None:
+            return
+        ray.shutdown()
+        for name, value in self.saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        shutil.rmtree(self.ray_tmpdir, ignore_errors=True)
+        self.ray_tmpdir = None
