@@ -134,9 +134,10 @@ def check_finite(step: int, loss: float, grad_norm: float, last_good: Path | Non
     """
     if math.isfinite(loss) and math.isfinite(grad_norm):
         return
-    rerun = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+    rerun = (f"the last good checkpoint is {last_good} (a rerun resumes from it)" if last_good
+             else "no checkpoint was written yet (a rerun starts afresh)")
     raise JobError(f"step {step}: the loss is {loss} and the gradient norm {grad_norm}; training stopped without "
-                   f"saving, and {rerun} (a rerun resumes from it): lower train.lr, or clip with train.clip_grad")
+                   f"saving, and {rerun}: lower train.lr, or clip with train.clip_grad")
 
 
 def packed_documents(cu_seqlens: torch.Tensor | None) -> PackedSeqParams | None:
