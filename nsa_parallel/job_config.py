@@ -2,8 +2,8 @@
 
 A file may name another with ``base: other.yaml`` (relative to itself); its keys override
 the base's, and command-line dotlist overrides (``train.max_steps=100``) override both.
-Unknown keys, wrong types and invalid values are errors naming the key, raised before
-any worker starts.
+Unknown keys, wrong types, invalid values and YAML syntax errors (with the file, line and
+column) are errors naming the key, raised before any worker starts.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import NSAConfig
@@ -87,7 +88,7 @@ class LaunchSection:
     num_workers: int = 1
     gpus_per_worker: int = 0
     cpus_per_worker: int = 1
-    max_failures: int = 3  # worker-group restarts (each resumes from the latest checkpoint)
+    max_failures: int = 3  # worker-group restarts after a worker dies (each resumes from the latest checkpoint)
 
 
 @dataclass
@@ -126,18 +127,30 @@ def _layers(path: Path, seen: tuple[Path, ...] = ()) -> list:
         raise ValueError(f"base: {path} includes itself")
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
-    node = OmegaConf.load(path)
+    try:
+        node = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ValueError(f"config file {path}: YAML syntax error at {where}: {err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path}: YAML error: {err}") from None
+    if not isinstance(node, DictConfig):
+        raise ValueError(f"config file {path}: must be a mapping of sections (model:, train:, ...)")
     base = node.pop("base", None)
     return (_layers(path.parent / base, seen + (path,)) if base else []) + [node]
 
 
 def load_job_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
     """Loads ``path`` (with its ``base:`` chain) and dotlist ``overrides``, then validates."""
+    layers = _layers(Path(path))
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(JobConfig), *_layers(Path(path)),
+        merged = OmegaConf.merge(OmegaConf.structured(JobConfig), *layers,
                                  OmegaConf.from_dotlist(list(overrides or [])))
     except OmegaConfBaseException as err:  # unknown key or wrong type, named by OmegaConf
         raise ValueError(f"invalid config {path}: {err}") from None
+    except yaml.YAMLError as err:  # an override's value
+        raise ValueError(f"invalid override in {overrides}: {err}") from None
     config: JobConfig = OmegaConf.to_object(merged)
     validate(config)
     return config
@@ -168,8 +181,7 @@ def validate(c: JobConfig) -> None:
         raise ValueError(f"launch.gpus_per_worker ({lc.gpus_per_worker}) must be 0 (CPU) or 1: one worker per GPU")
     if lc.max_failures < 0:
         raise ValueError(f"launch.max_failures ({lc.max_failures}) must not be negative")
-    if t.clip_grad < 0:
-        raise ValueError(f"train.clip_grad ({t.clip_grad}) must not be negative (0 turns clipping off)")
+    _check_numbers(c)
     if t.loss_normalization not in LOSS_NORMALIZATIONS:
         raise ValueError(f"train.loss_normalization ({t.loss_normalization!r}) must be one of {LOSS_NORMALIZATIONS}")
     if t.loss_normalization == "sample" and c.data.eod_token is not None:
@@ -216,6 +228,26 @@ def validate(c: JobConfig) -> None:
     if t.global_batch_size % per_step:
         raise ValueError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
                          f"train.micro_batch_size x data-parallel size ({per_step})")
+
+
+def _check_numbers(c: JobConfig) -> None:
+    """The float keys (NaN and inf parse as floats) and the integers without a positive rule."""
+    m, t = c.model, c.train
+    finite = math.isfinite
+    rules = (  # key, value, holds, rule; train.lr comes before train.min_lr, which it bounds
+        ("model.rotary_base", m.rotary_base, finite(m.rotary_base) and m.rotary_base > 0, "positive and finite"),
+        ("train.lr", t.lr, finite(t.lr) and t.lr > 0, "positive and finite"),
+        ("train.min_lr", t.min_lr, 0 <= t.min_lr <= t.lr, f"in [0, train.lr ({t.lr})]"),
+        ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
+        ("train.weight_decay", t.weight_decay, finite(t.weight_decay) and t.weight_decay >= 0, "finite and >= 0"),
+        ("train.clip_grad", t.clip_grad, finite(t.clip_grad) and t.clip_grad >= 0,
+         "finite and >= 0 (0 turns clipping off)"),
+        # numpy's RandomState (GPTDataset's shuffle) takes seeds in [0, 2**32)
+        ("train.seed", t.seed, 0 <= t.seed < 2**32, "in [0, 2**32)"),
+    )
+    for key, value, holds, rule in rules:
+        if not holds:
+            raise ValueError(f"{key} ({value}) must be {rule}")
 
 
 def _check_documents(c: JobConfig) -> None:

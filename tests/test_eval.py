@@ -128,6 +128,8 @@ def test_corrupt_checkpoint(trained, tmp_path, capsys):
     run, checkpoint = _copy_run(trained, tmp_path)
     shard = sorted(checkpoint.glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    _fails(capsys, run, tmp_path / "out", f"checkpoint {checkpoint} is damaged", shard.name)
+    (checkpoint / "checksums.json").unlink()  # as written before checksums: then loading fails
     _fails(capsys, run, tmp_path / "out", f"checkpoint {checkpoint} cannot be loaded")
 
 
@@ -135,12 +137,15 @@ def test_config_that_does_not_match_the_checkpoint(trained, tmp_path, capsys):
     run, checkpoint = _copy_run(trained, tmp_path)
     job = checkpoint / "job.yaml"
     job.write_text(job.read_text().replace("hidden_size: 64", "hidden_size: 96"))
+    _fails(capsys, run, tmp_path / "out", f"checkpoint {checkpoint} is damaged", "job.yaml")  # its checksum
+    (checkpoint / "checksums.json").unlink()  # as written before checksums: the shapes tell
     _fails(capsys, run, tmp_path / "out", f"checkpoint {checkpoint} does not match its config {job}",
            "embedding.word_embeddings.weight is (320, 64) in the checkpoint, (320, 96)")
 
 
 def test_missing_config_and_missing_corpus(trained, tmp_path, capsys):
     run, checkpoint = _copy_run(trained, tmp_path)
+    (checkpoint / "checksums.json").unlink()  # job.yaml is edited below
     job = checkpoint / "job.yaml"
     text = job.read_text()
     job.unlink()

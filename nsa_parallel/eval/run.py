@@ -14,7 +14,8 @@ from megatron.core.models.gpt import GPTModel
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from ..job_config import JobConfig, load_job_config
-from ..train.checkpoint import checkpoint_tensor_shapes, latest_checkpoint, load_checkpoint
+from ..train.checkpoint import checkpoint_tensor_shapes, load_checkpoint, verify_checkpoint
+from ..train.checkpoint_dirs import latest_name
 from ..train.model import build_model
 from ..train.optimizer import DIST_CKPT_METADATA
 from ..train.paths import RunPaths
@@ -28,12 +29,12 @@ def find_checkpoint(run: Path) -> Path:
     if not run.is_dir():
         raise RunError(f"--run {run}: no such directory (a train.output_dir that nsa-train wrote)")
     root = RunPaths(run).checkpoints
-    try:
-        path = latest_checkpoint(root)
-    except RuntimeError as err:
-        raise RunError(str(err)) from None
-    if path is None:
+    name = latest_name(root) if root.is_dir() else None
+    if name is None:
         raise RunError(f"--run {run}: no checkpoint ({root}/latest does not exist)")
+    path = root / name
+    if not (path / "metadata.json").is_file():
+        raise RunError(f"{root}/latest names {path}, which is not a complete checkpoint")
     if not (path / JOB_YAML).is_file():
         raise RunError(f"{path / JOB_YAML} is missing: the run's config is not known")
     return path
@@ -95,6 +96,9 @@ def prepare_run(run: Path, overrides: list[str] = (), corpus: str | None = None)
 def load_model(checkpoint: Path, config: JobConfig, device: torch.device, max_seq_length: int) -> GPTModel:
     """Builds the run's model on ``device`` (Megatron's parallel state set up for a world of one)
     and loads the checkpoint's weights into it."""
+    problem = verify_checkpoint(checkpoint)  # against the checksums nsa-train wrote beside it
+    if problem:
+        raise RunError(f"checkpoint {checkpoint} is damaged: {problem}")
     model = build_model(eval_config(config, device, max_seq_length), device)
     _check_shapes(checkpoint, model)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..job_config import JobConfig
+from .data_check import check_token_ids
 
 
 def check_job(config: JobConfig) -> None:
@@ -18,6 +19,7 @@ def check_job(config: JobConfig) -> None:
             if not Path(path + suffix).is_file():
                 raise ValueError(f"data.path ({path}): {path}{suffix} does not exist (data.path is the prefix "
                                  "of a Megatron indexed dataset, without .bin/.idx)")
+        check_token_ids(config)
         if config.data.mix:
             from .data import task_mix
-            task_mix(config)  # opens the corpus: its ids against model.vocab_size, each task's room
+            task_mix(config)  # opens the corpus: each task's room in model.vocab_size and train.seq_length

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -17,22 +18,19 @@ from omegaconf import OmegaConf
 
 from ..context_parallel import CommStats
 from ..job_config import JobConfig
-from .checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    load_common,
-    remove_interrupted,
-    save_checkpoint,
-)
+from .checkpoint import load_checkpoint, load_common, save_checkpoint, verify_checkpoint
+from .checkpoint_dirs import remove_interrupted, resume_candidates
 from .data import RetrievalTask, step_microbatches, token_source
-from .tasks import TaskMix
+from .errors import JobError
 from .fault import maybe_crash
 from .metrics import MetricsWriter
 from .model import build_model, init_model_parallel
 from .optimizer import DIST_CKPT_METADATA, build_optimizer
 from .paths import RunPaths
 from .progress import Progress
+from .resume_config import check_resume_config
 from .schedule import learning_rate
+from .tasks import TaskMix
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +75,8 @@ def _checkpoint_state(model, optimizer, step: int, consumed_samples: int, device
     return state
 
 
-def _resume(paths: RunPaths, model, optimizer, device: torch.device) -> tuple[int, int]:
-    """Loads the latest checkpoint if there is one; returns (step, consumed samples)."""
-    path = latest_checkpoint(paths.checkpoints)
-    if path is None:
-        return 0, 0
+def _load(path: Path, model, optimizer, device: torch.device) -> tuple[int, int]:
+    """Loads checkpoint ``path`` into the model, the optimizer and the RNGs; returns (step, consumed samples)."""
     common = load_common(path)
     # RNG states are per parallel position; after a change of layout they start afresh.
     same_layout = common["parallel_layout"] == _parallel_layout()
@@ -91,9 +86,59 @@ def _resume(paths: RunPaths, model, optimizer, device: torch.device) -> tuple[in
     optimizer.load_state_dict(loaded["optimizer"], loaded["step"])
     if same_layout:
         _set_rng_state(loaded["rng_state"])
-    if dist.get_rank() == 0:
-        log.info("resuming from %s (step %d)", path, loaded["step"])
     return loaded["step"], loaded["consumed_samples"]
+
+
+def _try_load(config: JobConfig, path: Path, model, optimizer, device: torch.device) -> tuple[int, int] | str:
+    """All ranks: (step, consumed samples) from ``path``, or what is wrong with it (alike on every rank)."""
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        return problem
+    check_resume_config(config, path)  # JobError, alike on every rank
+    try:
+        result: tuple[int, int] | str = _load(path, model, optimizer, device)
+    except Exception as err:  # noqa: BLE001  a checkpoint that verifies but does not load is as bad
+        result = f"it does not load ({type(err).__name__}: {err})"
+    failed = torch.tensor([isinstance(result, str)], dtype=torch.int32, device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    return result if isinstance(result, str) or not failed.item() else "it does not load on another rank"
+
+
+def _resume(config: JobConfig, paths: RunPaths, model, optimizer,
+            device: torch.device) -> tuple[int, int, Path | None]:
+    """Loads the newest checkpoint that verifies and loads, falling back from a damaged ``latest``;
+    returns (step, consumed samples, its path). Raises ``JobError`` when none does: starting
+    afresh would prune them."""
+    rank0 = dist.get_rank() == 0
+    box = [resume_candidates(paths.checkpoints) if rank0 else None]
+    dist.broadcast_object_list(box, src=0)
+    problems = []
+    for path in box[0]:
+        loaded = _try_load(config, path, model, optimizer, device)
+        if not isinstance(loaded, str):
+            if rank0:
+                log.info("resuming from %s (step %d)", path, loaded[0])
+            return *loaded, path
+        if rank0:
+            log.warning("checkpoint %s is damaged: %s; falling back to the previous checkpoint", path, loaded)
+        problems.append(f"{path}: {loaded}")
+    if problems:
+        raise JobError(f"no checkpoint under {paths.checkpoints} verifies and loads:\n  " + "\n  ".join(problems)
+                       + f"\nmove {paths.checkpoints} away to start afresh")
+    return 0, 0, None
+
+
+def check_finite(step: int, loss: float, grad_norm: float, last_good: Path | None) -> None:
+    """Stops training at a non-finite loss or gradient norm, before anything is saved or pruned.
+
+    Both values are reduced over all ranks, so every rank stops at the same step.
+    """
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    rerun = (f"the last good checkpoint is {last_good} (a rerun resumes from it)" if last_good
+             else "no checkpoint was written yet (a rerun starts afresh)")
+    raise JobError(f"step {step}: the loss is {loss} and the gradient norm {grad_norm}; training stopped without "
+                   f"saving, and {rerun}: lower train.lr, or clip with train.clip_grad")
 
 
 def packed_documents(cu_seqlens: torch.Tensor | None) -> PackedSeqParams | None:
@@ -176,7 +221,7 @@ def train(config: JobConfig, device: torch.device) -> None:
         model = build_model(config, device)
         optimizer = build_optimizer(model, t, device)
         source = token_source(config, paths.data_cache)
-        step, consumed = _resume(paths, model, optimizer, device)
+        step, consumed, last_good = _resume(config, paths, model, optimizer, device)
         if rank0:
             log.info("%s attention, %.1fM parameters per model-parallel rank, parallel layout %s; steps %d to %d",
                      config.model.attention, sum(p.numel() for p in model.parameters()) / 1e6, _parallel_layout(),
@@ -208,11 +253,12 @@ def train(config: JobConfig, device: torch.device) -> None:
                 if comm and step == 1:
                     log.info("context-parallel bytes of rank 0 in step 1 (MiB): %s",
                              {k.removeprefix("cp_comm/"): round(v, 2) for k, v in comm.items()})
+            check_finite(step, loss, grad_norm, last_good)
             if step % t.checkpoint_interval == 0 or step == t.max_steps:
                 state = _checkpoint_state(model, optimizer, step, consumed, device)
-                saved = save_checkpoint(paths.checkpoints, step, state, t.keep_checkpoints, {"job.yaml": job_yaml})
+                last_good = save_checkpoint(paths.checkpoints, step, state, t.keep_checkpoints, {"job.yaml": job_yaml})
                 if rank0:
-                    log.info("saved checkpoint %s", saved)
+                    log.info("saved checkpoint %s", last_good)
                     progress.restart_clock()  # tokens/s counts training time only
         if rank0:
             progress.close()
