@@ -36,11 +36,16 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tma
 from .block_selection import store_chosen, top_n_mask
 
 LOG2E = 1.4426950408889634
 BLOCK_N = 64  # cache rows per tile of the compressed and window passes
 COMBINE_CHUNK = 32  # partials merged per step of the combine
+# Not yet timed on a GPU: 8 warps is the setting where ptxas (sm_90, bf16, H/G = 16, d = 128)
+# reports no spills for every K/V pass, gathered or by TMA (4 warps spill, up to 255 registers);
+# the loops' dynamic bounds leave nothing for software pipelining (stages change nothing).
+LAUNCH = {"num_warps": 8, "num_stages": 1}
 _MIN_DOT = 16  # Hopper's smallest tl.dot M, N and K
 
 
@@ -64,11 +69,18 @@ def _group_queries(q_ptr, b, g, H, heads_per_group, DK: tl.constexpr, HP: tl.con
 
 
 @triton.jit
-def _load_rows(ptr, b, rows, ok, g, stride_b, stride_r, D: tl.constexpr, D_P: tl.constexpr):
-    """Rows ``rows`` of KV head ``g`` of a ``[B, N, G, D]`` cache (last two dims contiguous): ``[len(rows), D_P]``."""
-    offs_d = tl.arange(0, D_P)
-    return tl.load(ptr + b * stride_b + rows[:, None].to(tl.int64) * stride_r + g * D + offs_d[None, :],
-                   mask=ok[:, None] & (offs_d < D)[None, :], other=0.0)
+def _load_rows(ptr, desc, b, first, rows, ok, g, num_rows, stride_b, stride_r, D: tl.constexpr, D_P: tl.constexpr,
+               TMA: tl.constexpr):
+    """Rows ``rows = first + arange`` of KV head ``g`` of a ``[B, N, G, D]`` cache (last two dims
+    contiguous), ``[len(rows), D_P]``: one TMA box of the ``[B*N, G*D]`` view (rows past the
+    sequence, from the next one or zeros, are finite and masked by the caller through ``ok``), or a
+    masked gather, whose 64-bit address per element costs registers (255 and spills at 4 warps)."""
+    if TMA:
+        return desc.load([(b * num_rows + tl.maximum(first, 0)).to(tl.int32), g * D])
+    else:
+        offs_d = tl.arange(0, D_P)
+        return tl.load(ptr + b * stride_b + rows[:, None].to(tl.int64) * stride_r + g * D + offs_d[None, :],
+                       mask=ok[:, None] & (offs_d < D)[None, :], other=0.0)
 
 
 @triton.jit
@@ -125,12 +137,13 @@ def _store_tile_scores(ps_ptr, ptm_ptr, b, H, head, h_ok, start, num_tiles, p, s
 
 @triton.jit
 def _range_partial_kernel(
-    q_ptr, k_ptr, v_ptr, len_ptr, pm_ptr, pl_ptr, pacc_ptr, ps_ptr, ptm_ptr,
+    q_ptr, k_ptr, v_ptr, k_desc, v_desc, len_ptr, pm_ptr, pl_ptr, pacc_ptr, ps_ptr, ptm_ptr,
     stride_kb, stride_kr, stride_vb, stride_vr,
     num_rows, H, heads_per_group, rows_per_split, split_offset, num_splits, num_tiles, qk_scale,
     COMPRESSED: tl.constexpr, CMP_SIZE: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_SIZE: tl.constexpr,
     JT: tl.constexpr, BLOCK_N: tl.constexpr, HP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, DK_P: tl.constexpr, DV_P: tl.constexpr, PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Split ``program_id(0)`` of the rows ``0 .. count-1`` of a ``[B, num_rows, G, d]`` cache:
     ``count`` is the finished compression blocks (``COMPRESSED``, which also stores block-score
@@ -152,8 +165,8 @@ def _range_partial_kernel(
     for start in range(lo, hi, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         ok = rows < hi
-        k = _load_rows(k_ptr, b, rows, ok, g, stride_kb, stride_kr, DK, DK_P)
-        v = _load_rows(v_ptr, b, rows, ok, g, stride_vb, stride_vr, DV, DV_P)
+        k = _load_rows(k_ptr, k_desc, b, start, rows, ok, g, num_rows, stride_kb, stride_kr, DK, DK_P, TMA)
+        v = _load_rows(v_ptr, v_desc, b, start, rows, ok, g, num_rows, stride_vb, stride_vr, DV, DV_P, TMA)
         m, l, acc, p, shift = _online_step(q, k, v, ok, m, l, acc, qk_scale, PRECISION)
         if COMPRESSED:
             _store_tile_scores(ps_ptr, ptm_ptr, b, H, head, h_ok, start, num_tiles, p, shift,
@@ -185,8 +198,12 @@ def _select_kernel(
         head = (g * heads_per_group + h).to(tl.int64)
         m = tl.load(pm_ptr + (b * H + head) * num_splits + offs_s, mask=offs_s < num_cmp_splits, other=float("-inf"))
         l = tl.load(pl_ptr + (b * H + head) * num_splits + offs_s, mask=offs_s < num_cmp_splits, other=0.0)
+        # lse of the head (log2 units); with no compressed block seen it is unused (every tile masked),
+        # and kept finite so that no inf - inf is computed.
         m_max = tl.max(m, 0)
-        lse = m_max + tl.log2(tl.sum(tl.where(m > float("-inf"), tl.exp2(m - m_max), 0.0) * l, 0))
+        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+        total = tl.sum(tl.exp2(m - m_max) * l, 0)
+        lse = m_max + tl.log2(tl.where(total > 0.0, total, 1.0))
         for k in tl.static_range(SPAN):  # every tile whose blocks may overlap j (others add 0)
             tile = tile_lo + k
             local = offs_j - tile * BLOCK_N * CMP_STRIDE // SEL_SIZE
@@ -206,11 +223,12 @@ def _select_kernel(
 
 @triton.jit
 def _selected_partial_kernel(
-    q_ptr, k_ptr, v_ptr, idx_ptr, len_ptr, pm_ptr, pl_ptr, pacc_ptr,
+    q_ptr, k_ptr, v_ptr, k_desc, v_desc, idx_ptr, len_ptr, pm_ptr, pl_ptr, pacc_ptr,
     stride_kb, stride_kr, stride_vb, stride_vr,
-    H, heads_per_group, entries_per_split, split_offset, num_splits, qk_scale,
+    num_keys, H, heads_per_group, entries_per_split, split_offset, num_splits, qk_scale,
     SEL_SIZE: tl.constexpr, NUM_SELECTED: tl.constexpr, BLOCK_SEL: tl.constexpr, HP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, DK_P: tl.constexpr, DV_P: tl.constexpr, PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Split ``program_id(0)`` of a (sequence, group)'s selected blocks: keys ``j*l' ..`` up to the query."""
     split = tl.program_id(0)
@@ -230,8 +248,8 @@ def _selected_partial_kernel(
         # -1 entries (negative rows) and keys after the query; vector masks only (the interpreter
         # mis-types a scalar & vector mask)
         ok = (rows >= 0) & (offs < SEL_SIZE) & (rows <= pos)
-        k = _load_rows(k_ptr, b, rows, ok, g, stride_kb, stride_kr, DK, DK_P)
-        v = _load_rows(v_ptr, b, rows, ok, g, stride_vb, stride_vr, DV, DV_P)
+        k = _load_rows(k_ptr, k_desc, b, j * SEL_SIZE, rows, ok, g, num_keys, stride_kb, stride_kr, DK, DK_P, TMA)
+        v = _load_rows(v_ptr, v_desc, b, j * SEL_SIZE, rows, ok, g, num_keys, stride_vb, stride_vr, DV, DV_P, TMA)
         m, l, acc, _, _ = _online_step(q, k, v, ok, m, l, acc, qk_scale, PRECISION)
     _store_partial(pm_ptr, pl_ptr, pacc_ptr, b, H, head, h_ok, split_offset + split, num_splits, m, l, acc, DV, DV_P)
 
@@ -294,6 +312,14 @@ def _tile_meta(q: torch.Tensor, v: torch.Tensor, groups: int) -> dict:
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
+def _kv_tiles(k: torch.Tensor, v: torch.Tensor, rows: int) -> tuple[tuple, dict]:
+    """TMA descriptors of ``rows``-high boxes of ``k``/``v`` (``nsa_kernels.tma``) and the launch
+    arguments, or ``(k, v)`` (unused) where tiles are gathered."""
+    if rows <= tma.MAX_BOX and rows == triton.next_power_of_2(rows) and tma.applies(k, v):
+        return (tma.row_tiles(k, rows), tma.row_tiles(v, rows)), dict(TMA=True, **LAUNCH)
+    return (k, v), dict(TMA=False, **LAUNCH)
+
+
 def _check_cache(name: str, t: torch.Tensor, batch: int) -> None:
     if t.dim() != 4 or t.shape[0] < batch or t.stride(3) != 1 or t.stride(2) != t.shape[3]:
         raise ValueError(f"{name} must be [>= {batch}, rows, G, d] with its last two dims contiguous, "
@@ -341,29 +367,34 @@ def nsa_decode(
     if not num_cmp:  # nothing is read (no block ever finishes), but the pointers must be valid
         k_cmp, v_cmp = k_slc, v_slc
 
+    descs, launch = _kv_tiles(k_cmp, v_cmp, BLOCK_N)
     _range_partial_kernel[(n_cmp, groups, batch)](
-        q, k_cmp, v_cmp, lengths, pm, pl, pacc, ps, ptm,
+        q, k_cmp, v_cmp, *descs, lengths, pm, pl, pacc, ps, ptm,
         k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
         num_cmp, *common, cmp_per * BLOCK_N, 0, total, num_tiles, qk_scale,
-        COMPRESSED=True, **sizes, JT=jt, BLOCK_N=BLOCK_N, **meta)
+        COMPRESSED=True, **sizes, JT=jt, BLOCK_N=BLOCK_N, **meta, **launch)
     blocks = torch.empty(batch, groups, n, dtype=torch.int32, device=q.device)
     num_blocks = triton.cdiv(seq_cap, ls)
     span = ((ls + l - 2) // d + 1) // BLOCK_N + 2  # tiles a block's overlapping compressed rows span
+    block_ns = max(_MIN_DOT, triton.next_power_of_2(num_blocks))
     _select_kernel[(groups, batch)](
         lengths, pm, pl, ps, ptm, blocks, *common, n_cmp, total, num_tiles, num_blocks,
         **sizes, NUM_SELECTED=n, BLOCK_N=BLOCK_N, JT=jt, SPAN=span,
-        CMP_SPLITS_P=triton.next_power_of_2(n_cmp), BLOCK_NS=max(_MIN_DOT, triton.next_power_of_2(num_blocks)),
-        BLOCK_SELECTED=triton.next_power_of_2(n))
+        CMP_SPLITS_P=triton.next_power_of_2(n_cmp), BLOCK_NS=block_ns, BLOCK_SELECTED=triton.next_power_of_2(n),
+        num_warps=4 if block_ns <= 1024 else 8)  # int64 keys of a whole row: 255 registers at 4 warps for 2048
+    block_sel = max(_MIN_DOT, triton.next_power_of_2(ls))
+    descs, launch = _kv_tiles(k_slc, v_slc, ls) if block_sel == ls else ((k_slc, v_slc), dict(TMA=False, **LAUNCH))
     _selected_partial_kernel[(n_slc, groups, batch)](
-        q, k_slc, v_slc, blocks, lengths, pm, pl, pacc,
+        q, k_slc, v_slc, *descs, blocks, lengths, pm, pl, pacc,
         k_slc.stride(0), k_slc.stride(1), v_slc.stride(0), v_slc.stride(1),
-        *common, slc_per, n_cmp, total, qk_scale,
-        SEL_SIZE=ls, NUM_SELECTED=n, BLOCK_SEL=max(_MIN_DOT, triton.next_power_of_2(ls)), **meta)
+        seq_cap, *common, slc_per, n_cmp, total, qk_scale,
+        SEL_SIZE=ls, NUM_SELECTED=n, BLOCK_SEL=block_sel, **meta, **launch)
+    descs, launch = _kv_tiles(k_win, v_win, BLOCK_N)
     _range_partial_kernel[(n_win, groups, batch)](
-        q, k_win, v_win, lengths, pm, pl, pacc, ps, ptm,
+        q, k_win, v_win, *descs, lengths, pm, pl, pacc, ps, ptm,
         k_win.stride(0), k_win.stride(1), v_win.stride(0), v_win.stride(1),
         window, *common, win_per * BLOCK_N, n_cmp + n_slc, total, num_tiles, qk_scale,
-        COMPRESSED=False, **sizes, JT=jt, BLOCK_N=BLOCK_N, **meta)
+        COMPRESSED=False, **sizes, JT=jt, BLOCK_N=BLOCK_N, **meta, **launch)
     out = torch.empty(batch, num_heads, v_slc.shape[3], dtype=q.dtype, device=q.device)
     _combine_kernel[(num_heads, batch)](
         pm, pl, pacc, gates, out, num_heads, total, n_cmp, n_cmp + n_slc,
@@ -386,10 +417,11 @@ def dense_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tor
     pm, pl = torch.empty(batch, num_heads, num_splits, **f32), torch.empty(batch, num_heads, num_splits, **f32)
     pacc = torch.empty(batch, num_heads, num_splits, v.shape[3], **f32)
     meta = _tile_meta(q, v, groups)
+    descs, launch = _kv_tiles(k, v, BLOCK_N)
     _range_partial_kernel[(num_splits, groups, batch)](
-        q, k, v, lengths, pm, pl, pacc, pm, pm, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        q, k, v, *descs, lengths, pm, pl, pacc, pm, pm, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k.shape[1], num_heads, num_heads // groups, per * BLOCK_N, 0, num_splits, 1, scale * LOG2E,
-        COMPRESSED=False, CMP_SIZE=1, CMP_STRIDE=1, SEL_SIZE=1, JT=_MIN_DOT, BLOCK_N=BLOCK_N, **meta)
+        COMPRESSED=False, CMP_SIZE=1, CMP_STRIDE=1, SEL_SIZE=1, JT=_MIN_DOT, BLOCK_N=BLOCK_N, **meta, **launch)
     out = torch.empty(batch, num_heads, v.shape[3], dtype=q.dtype, device=q.device)
     _combine_kernel[(num_heads, batch)](pm, pl, pacc, pm, out, num_heads, num_splits, 0, 0,
                                         GATED=False, DV=meta["DV"], DV_P=meta["DV_P"], CHUNK=COMBINE_CHUNK)

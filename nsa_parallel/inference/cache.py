@@ -77,6 +77,13 @@ class NSAKVCache:
         self.lengths.zero_()
         self._host_lengths = None
 
+    def sync_host_lengths(self) -> None:
+        """Re-reads the host copy of the lengths from the device (one synchronisation). Needed after
+        replaying a captured decode step: the capture advanced the host copy once, replays only the
+        device lengths."""
+        if self._host_lengths is not None:
+            self._host_lengths = self.lengths[:len(self._host_lengths)].tolist()
+
     def storage(self) -> dict[str, torch.Tensor]:
         """Every cache tensor by name (all ``[max_batch, slots, G, d]``)."""
         names = ("k_slc", "v_slc", "k_win", "v_win", "k_cmp", "v_cmp", "k_raw", "v_raw")
