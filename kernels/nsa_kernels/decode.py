@@ -12,7 +12,7 @@ kernels are shaped for memory traffic and parallelism:
   group's heads ``[H/G, dk]`` (rows padded to 16, Hopper's smallest dot), so each K/V tile is
   loaded once for all of them, as in the training selection kernel.
 - **Split-K.** One sequence has only ``G`` groups, too few programs to draw the GPU's bandwidth,
-  so each branch's keys are split over programs (``TARGET_PROGRAMS`` in all): compressed and
+  so each branch's keys are split over programs (``target_programs``: about 4 per SM): compressed and
   window keys in runs of ``BLOCK_N``-row tiles, selected blocks a few per program. Each writes its
   online-softmax partial (``m``, ``l``, ``acc``, in log2 units, float32), and one combine program
   per (sequence, head) merges every branch's partials and applies the gates (the gated sum fused).
