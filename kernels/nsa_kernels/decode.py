@@ -42,9 +42,10 @@ from .block_selection import store_chosen, top_n_mask
 LOG2E = 1.4426950408889634
 BLOCK_N = 64  # cache rows per tile of the compressed and window passes
 COMBINE_CHUNK = 32  # partials merged per step of the combine
-# Not yet timed on a GPU: 8 warps is the setting where ptxas (sm_90, bf16, H/G = 16, d = 128)
-# reports no spills for every K/V pass, gathered or by TMA (4 warps spill, up to 255 registers);
-# the loops' dynamic bounds leave nothing for software pipelining (stages change nothing).
+# Not yet timed on a GPU. ptxas (sm_90, H/G = 16, d = 128; benchmarks/ptxas_decode.py): with bf16
+# TMA tiles 8 warps spill nothing (85-254 registers), 4 warps spill in the compressed pass; gathered
+# tiles (float32, no TMA) hold a 64-bit address per element and spill some even at 8 warps. The
+# loops' bounds are dynamic, so there is no software pipelining (stages change nothing).
 LAUNCH = {"num_warps": 8, "num_stages": 1}
 _MIN_DOT = 16  # Hopper's smallest tl.dot M, N and K
 
