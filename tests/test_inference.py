@@ -166,6 +166,28 @@ def test_decode_kernels_match_reference(cfg, splits, dtype, monkeypatch):
     assert worst_token_error(out, ref) <= TOLERANCE[dtype]
 
 
+def test_decode_exact_ties_prefer_lower_ids(monkeypatch):
+    """As in the training kernel's test: l = d and l' = 2d with zero compressed keys, so every fully
+    seen block scores exactly the same in any summation order; the lowest ids must win."""
+    monkeypatch.setattr(decode_kernels, "BLOCK_N", 16)
+    cfg = NSAConfig(compress_block_size=8, compress_stride=8, select_block_size=16, num_selected_blocks=5)
+    seq, lengths = 200, torch.tensor([70, 128, 129, 200], device=DEVICE)
+    gen = torch.Generator().manual_seed(7)
+    caches = [torch.randn(4, n, 2, 16, generator=gen) for n in (cfg.num_compressed(seq),) * 2 + (seq,) * 2
+              + (cfg.window_size,) * 2]
+    caches[0].zero_()
+    q, gates = torch.randn(4, 4, 16, generator=gen), torch.rand(4, 4, 3, generator=gen)
+    _, ref_blocks = reference_decode(q.double(), gates.double(), *(c.double() for c in caches), lengths.cpu(), cfg,
+                                     0.25)
+    _, blocks = decode_kernels.nsa_decode(
+        q.to(DEVICE), gates.to(DEVICE), *(c.to(DEVICE) for c in caches), lengths, compress_block_size=8,
+        compress_stride=8, select_block_size=16, num_selected=5, scale=0.25, return_blocks=True)
+    own = (lengths.cpu() - 1) // 16  # forced 0, own - 1, own; blocks 1 and 2 fill the free slots
+    expected = torch.stack([0 * own, 0 * own + 1, 0 * own + 2, own - 1, own], -1)[:, None].expand(-1, 2, -1)
+    assert torch.equal(ref_blocks, expected)
+    assert torch.equal(blocks.cpu(), expected)
+
+
 def test_dense_decode_matches_reference(monkeypatch):
     """The benchmark's split-K dense baseline: causal attention over each sequence's rows."""
     from nsa_parallel import reference
