@@ -206,13 +206,16 @@ def validate(c: JobConfig) -> None:
     if m.num_query_groups % tp:
         raise ValueError(f"model.num_query_groups ({m.num_query_groups}) must be divisible by "
                          f"parallel.tensor_model_parallel_size ({tp})")
-    if m.num_layers % p.pipeline_model_parallel_size:
+    pp = p.pipeline_model_parallel_size
+    if m.num_layers % pp:  # Megatron splits the layers evenly over the stages
         raise ValueError(f"model.num_layers ({m.num_layers}) must be divisible by "
-                         f"parallel.pipeline_model_parallel_size ({p.pipeline_model_parallel_size})")
-    model_parallel = tp * p.context_parallel_size * p.pipeline_model_parallel_size
+                         f"parallel.pipeline_model_parallel_size ({pp})")
+    model_parallel = tp * p.context_parallel_size * pp
     if lc.num_workers % model_parallel:
-        raise ValueError(f"launch.num_workers ({lc.num_workers}) must be a multiple of tensor x context x "
-                         f"pipeline parallel sizes ({model_parallel})")
+        raise ValueError(f"launch.num_workers ({lc.num_workers}) must be a multiple of "
+                         "parallel.tensor_model_parallel_size x parallel.context_parallel_size x "
+                         f"parallel.pipeline_model_parallel_size ({tp} x {p.context_parallel_size} x {pp} = "
+                         f"{model_parallel})")
     # Megatron's load-balanced layout cuts the sequence into 2*CP chunks of whole selection blocks.
     chunk = 2 * p.context_parallel_size * c.nsa.select_block_size
     if t.seq_length % chunk:
