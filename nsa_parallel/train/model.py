@@ -32,8 +32,8 @@ def init_model_parallel(config: JobConfig, device: torch.device) -> None:
 
 
 def transformer_config(config: JobConfig, device: torch.device) -> TransformerConfig:
-    m, p = config.model, config.parallel
-    bf16 = config.train.precision == "bf16"
+    m, p, t = config.model, config.parallel, config.train
+    bf16 = t.precision == "bf16"
     variable = config.data.eod_token is not None and p.pipeline_model_parallel_size > 1
     return TransformerConfig(
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
@@ -46,6 +46,8 @@ def transformer_config(config: JobConfig, device: torch.device) -> TransformerCo
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         variable_seq_lengths=variable, moe_token_dispatcher_type="alltoall" if variable else "allgather",
         hidden_dropout=0.0, attention_dropout=0.0,
+        recompute_granularity=t.recompute_granularity, recompute_method=t.recompute_method,
+        recompute_num_layers=t.recompute_num_layers, recompute_modules=t.recompute_modules,
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_cpu_initialization=device.type == "cpu",
         # Losses are summed over tokens and divided by the global token count once
