@@ -68,6 +68,16 @@ class TrainSection:
     # "token": the loss is the mean over all loss tokens (Megatron's); "sample": the mean of each
     # sample's own mean, so a task mix weighs its tasks by samples, not by their loss tokens.
     loss_normalization: str = "token"
+    # Megatron's activation recomputation (TransformerConfig's fields of the same names): None keeps
+    # every activation; "full" recomputes whole layers (recompute_method "uniform": groups of
+    # recompute_num_layers layers; "block": the first recompute_num_layers layers of each stage);
+    # "selective" recomputes recompute_modules (None: Megatron's default, core_attn) inside each layer:
+    # core_attn, for model.attention=full only until NSA sits in Megatron's core_attention slot (mlp and
+    # layernorm: see BROKEN_RECOMPUTE_MODULES).
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
+    recompute_modules: Optional[list[str]] = None
 
 
 @dataclass
@@ -116,6 +126,18 @@ class JobConfig:
 
 
 PRECISIONS = ("bf16", "fp32")
+RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+# Megatron's selective recomputation of a dense GPT's parts (its MoE and MLA ones have no place here).
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
+# Those that megatron-core cannot run for these models (the backward pass would fail), and why.
+BROKEN_RECOMPUTE_MODULES = {
+    "mlp": "megatron-core (0.16 to 0.19) recomputes the MLP through its CheckpointFunction, which hands back "
+           "linear_fc2's bias Parameter itself; autograd gives that Parameter the checkpoint's grad_fn and the "
+           "backward pass recurses without end (these models have linear biases)",
+    "layernorm": "megatron-core (0.16 to 0.19) takes every CheckpointWithoutOutput for an fp8 one "
+                 "(`self.fp8 = fp8 is not None`) and then needs Transformer Engine, which nsa-train does not use",
+}
 LOSS_NORMALIZATIONS = ("token", "sample")
 ATTENTIONS = ("nsa", "full")
 
@@ -206,18 +228,22 @@ def validate(c: JobConfig) -> None:
     if m.num_query_groups % tp:
         raise ValueError(f"model.num_query_groups ({m.num_query_groups}) must be divisible by "
                          f"parallel.tensor_model_parallel_size ({tp})")
-    if m.num_layers % p.pipeline_model_parallel_size:
+    pp = p.pipeline_model_parallel_size
+    if m.num_layers % pp:  # Megatron splits the layers evenly over the stages
         raise ValueError(f"model.num_layers ({m.num_layers}) must be divisible by "
-                         f"parallel.pipeline_model_parallel_size ({p.pipeline_model_parallel_size})")
-    model_parallel = tp * p.context_parallel_size * p.pipeline_model_parallel_size
+                         f"parallel.pipeline_model_parallel_size ({pp})")
+    model_parallel = tp * p.context_parallel_size * pp
     if lc.num_workers % model_parallel:
-        raise ValueError(f"launch.num_workers ({lc.num_workers}) must be a multiple of tensor x context x "
-                         f"pipeline parallel sizes ({model_parallel})")
+        raise ValueError(f"launch.num_workers ({lc.num_workers}) must be a multiple of "
+                         "parallel.tensor_model_parallel_size x parallel.context_parallel_size x "
+                         f"parallel.pipeline_model_parallel_size ({tp} x {p.context_parallel_size} x {pp} = "
+                         f"{model_parallel})")
     # Megatron's load-balanced layout cuts the sequence into 2*CP chunks of whole selection blocks.
     chunk = 2 * p.context_parallel_size * c.nsa.select_block_size
     if t.seq_length % chunk:
         raise ValueError(f"train.seq_length ({t.seq_length}) must be divisible by 2 x "
                          f"parallel.context_parallel_size x nsa.select_block_size ({chunk})")
+    _check_recompute(c)
     if c.data.path is None:
         _check_retrieval_task(c)
     if c.data.mix:
@@ -248,6 +274,50 @@ def _check_numbers(c: JobConfig) -> None:
     for key, value, holds, rule in rules:
         if not holds:
             raise ValueError(f"{key} ({value}) must be {rule}")
+
+
+def _check_recompute(c: JobConfig) -> None:
+    """Megatron's rules for its recomputation fields, as errors naming our keys, before any worker starts."""
+    t = c.train
+    granularity, method, num_layers, modules = (t.recompute_granularity, t.recompute_method,
+                                                t.recompute_num_layers, t.recompute_modules)
+    if granularity not in RECOMPUTE_GRANULARITIES:
+        raise ValueError(f"train.recompute_granularity ({granularity!r}) must be null, 'full' or 'selective'")
+    now = "null" if granularity is None else granularity
+    if granularity != "full":
+        for key, value in (("recompute_method", method), ("recompute_num_layers", num_layers)):
+            if value is not None:
+                raise ValueError(f"train.{key} ({value!r}) applies to train.recompute_granularity=full only "
+                                 f"(it is {now}): leave it null")
+    if granularity != "selective" and modules is not None:
+        raise ValueError(f"train.recompute_modules ({modules}) applies to train.recompute_granularity=selective "
+                         f"only (it is {now}): leave it null")
+    if granularity == "full":
+        if method not in RECOMPUTE_METHODS:
+            raise ValueError(f"train.recompute_method ({method!r}) must be one of {RECOMPUTE_METHODS} with "
+                             "train.recompute_granularity=full")
+        per_stage = c.model.num_layers // c.parallel.pipeline_model_parallel_size
+        if num_layers is None or not 1 <= num_layers <= per_stage:
+            raise ValueError(f"train.recompute_num_layers ({num_layers}) must be between 1 and the layers per "
+                             f"pipeline stage, model.num_layers / parallel.pipeline_model_parallel_size ({per_stage}), "
+                             "with train.recompute_granularity=full")
+        if method == "uniform" and per_stage % num_layers:  # Megatron's groups would run past the last layer
+            raise ValueError(f"train.recompute_num_layers ({num_layers}) must divide the layers per pipeline "
+                             f"stage ({per_stage}) with train.recompute_method=uniform")
+    if granularity == "selective":
+        chosen = ["core_attn"] if modules is None else modules
+        unknown = [name for name in chosen if name not in RECOMPUTE_MODULES]
+        if unknown or not chosen:
+            raise ValueError(f"train.recompute_modules ({modules}) must be a non-empty list of {RECOMPUTE_MODULES}")
+        for name in chosen:
+            if name in BROKEN_RECOMPUTE_MODULES:
+                raise ValueError(f"train.recompute_modules: {name} is refused: {BROKEN_RECOMPUTE_MODULES[name]}; "
+                                 "use core_attn (model.attention=full) or train.recompute_granularity=full")
+        if "core_attn" in chosen and c.model.attention == "nsa":
+            raise ValueError("train.recompute_granularity=selective with core_attn in train.recompute_modules (its "
+                             "default) does not apply to model.attention=nsa yet: NSA's attention is not in "
+                             "Megatron's core_attention slot until the NSASelfAttention redesign, so nothing would "
+                             "be recomputed; use train.recompute_granularity=full")
 
 
 def _check_documents(c: JobConfig) -> None:

@@ -30,8 +30,11 @@ def restore_pythonwarnings(monkeypatch):
     (["train.max_stepz=3"], "max_stepz"),
     (["nsa.select_block_size=48"], "nsa.select_block_size"),
     (["train.seq_length=96"], "train.seq_length (96) must be divisible by 2 x parallel.context_parallel_size"),
-    (["parallel.pipeline_model_parallel_size=2", "parallel.context_parallel_size=1"],
-     "parallel.pipeline_model_parallel_size (2): nsa-train has no pipeline schedule"),
+    (["parallel.pipeline_model_parallel_size=2", "model.num_layers=3", "parallel.context_parallel_size=1"],
+     "model.num_layers (3) must be divisible by parallel.pipeline_model_parallel_size (2)"),
+    (["parallel.pipeline_model_parallel_size=2"],
+     "launch.num_workers (2) must be a multiple of parallel.tensor_model_parallel_size x "
+     "parallel.context_parallel_size x parallel.pipeline_model_parallel_size (1 x 2 x 2 = 4)"),
     (["data.path=/nonexistent/corpus"], "data.path (/nonexistent/corpus): /nonexistent/corpus.bin does not exist"),
 ])
 def test_bad_job_fails_before_any_work_naming_the_key(overrides, message, tmp_path, capsys):
@@ -143,11 +146,12 @@ def test_resume_with_changed_model_or_data_fails_before_any_work(trained, overri
 def test_resume_lists_the_settings_that_may_change(trained, caplog):
     config = load_job_config(TINY, [f"train.output_dir={trained}", *ONE_WORKER, "train.max_steps=80", "train.lr=1e-3",
                                     "train.log_interval=1", "parallel.tensor_model_parallel_size=2",
-                                    "launch.num_workers=2"])
+                                    "parallel.pipeline_model_parallel_size=2", "launch.num_workers=4"])
     with caplog.at_level(logging.INFO, logger="nsa_parallel.train"):
         cli._check_resume(config)
     assert (f"resuming from {trained / 'checkpoints' / 'step_00000002'} with these settings changed:\n"
-            "  launch.num_workers: 1 in the checkpoint, 2 now\n"
+            "  launch.num_workers: 1 in the checkpoint, 4 now\n"
+            "  parallel.pipeline_model_parallel_size: 1 in the checkpoint, 2 now\n"
             "  parallel.tensor_model_parallel_size: 1 in the checkpoint, 2 now\n"
             "  train.checkpoint_interval: 1 in the checkpoint, 20 now\n"
             "  train.log_interval: 5 in the checkpoint, 1 now\n"
@@ -281,9 +285,10 @@ def test_no_ray_trains_on_megatron_gpt_dataset(tmp_path, eod):
     assert f"checkpoints:      {out / 'checkpoints'} (latest: step_00000002)" in run.stdout
 
 
-def test_packed_documents_train_alike_at_cp1_and_cp2(tmp_path):
+def test_packed_documents_train_alike_at_cp1_cp2_and_pp2(tmp_path):
     """data.eod_token under context parallelism: every document padded to whole zigzag chunks and
-    split on its own; the losses equal one rank's (to float32 summation order)."""
+    split on its own; the losses equal one rank's (to float32 summation order). Under pipeline
+    parallelism the stages exchange each micro-batch's shape first (its length varies)."""
     pytest.importorskip("megatron.core")
     prefix = tmp_path / "corpus"
     _indexed_dataset(prefix, vocab=64, eod=63)
@@ -291,15 +296,20 @@ def test_packed_documents_train_alike_at_cp1_and_cp2(tmp_path):
               "train.checkpoint_interval=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = {
-        1: [sys.executable, "-m", "nsa_parallel.train", *common, "parallel.context_parallel_size=1",
-            "launch.num_workers=1", f"train.output_dir={tmp_path / 'cp1'}"],
-        2: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "nsa_parallel.train", *common, f"train.output_dir={tmp_path / 'cp2'}"],
+        "cp1": [sys.executable, "-m", "nsa_parallel.train", *common, "parallel.context_parallel_size=1",
+                "launch.num_workers=1", f"train.output_dir={tmp_path / 'cp1'}"],
+        "cp2": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "nsa_parallel.train", *common, f"train.output_dir={tmp_path / 'cp2'}"],
+        "pp2": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "nsa_parallel.train", *common, "parallel.context_parallel_size=1",
+                "parallel.pipeline_model_parallel_size=2", f"train.output_dir={tmp_path / 'pp2'}"],
     }
     losses = {}
-    for cp, cmd in runs.items():
+    for name, cmd in runs.items():
         run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600, env=env)
         assert run.returncode == 0, run.stdout + run.stderr
-        metrics = (tmp_path / f"cp{cp}" / "metrics.jsonl").read_text().splitlines()
-        losses[cp] = [json.loads(line)["loss"] for line in metrics]
-    assert len(losses[1]) == 2 and losses[2] == pytest.approx(losses[1], rel=1e-5)
+        metrics = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        losses[name] = [json.loads(line)["loss"] for line in metrics]
+    assert len(losses["cp1"]) == 2
+    assert losses["cp2"] == pytest.approx(losses["cp1"], rel=1e-5)
+    assert losses["pp2"] == pytest.approx(losses["cp1"], rel=1e-5)

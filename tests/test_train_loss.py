@@ -1,5 +1,5 @@
 """train.loss_normalization=sample: the mean of each sample's own mean, the same however the global batch
-is cut into micro-batches and context-parallel shares (CPU, gloo)."""
+is cut into micro-batches, context-parallel shares and pipeline stages (CPU, gloo)."""
 from __future__ import annotations
 
 import json
@@ -22,14 +22,17 @@ def _losses(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _train(out: Path, corpus: Path, *overrides: str, cp: int = 1) -> list[dict]:
+def _train(out: Path, corpus: Path, *overrides: str, cp: int = 1, pp: int = 1) -> list[dict]:
     mix = [f"data.path={corpus}", "data.mix.lm=1", "data.mix.passkey=1", "model.vocab_size=320",
            "train.max_steps=2", "train.checkpoint_interval=2", f"train.output_dir={out}", *overrides]
     module = ["-m", "nsa_parallel.train", "--config", TINY, "--no-ray", *mix]
-    if cp == 1:
-        cmd = [sys.executable, *module, "parallel.context_parallel_size=1", "launch.num_workers=1"]
+    layout = [f"parallel.context_parallel_size={cp}", f"parallel.pipeline_model_parallel_size={pp}",
+              f"launch.num_workers={cp * pp}"]
+    if cp * pp == 1:
+        cmd = [sys.executable, *module, *layout]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cp}", *module]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cp * pp}", *module,
+               *layout]
     run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": ""})
     assert run.returncode == 0, run.stdout + run.stderr
@@ -43,6 +46,7 @@ def test_sample_normalization_is_the_same_however_the_batch_is_cut(tmp_path):
     for name, rows in {
         "micro-batches of one": _train(tmp_path / "mbs1", tmp_path / "code", *sample),
         "context parallelism 2": _train(tmp_path / "cp2", tmp_path / "code", *sample, cp=2),
+        "pipeline parallelism 2": _train(tmp_path / "pp2", tmp_path / "code", *sample, pp=2),
     }.items():
         for a, b in zip(whole, rows):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), name

@@ -18,15 +18,14 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
-import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 
 from . import checksums
 from .checkpoint_dirs import LATEST, TMP_PREFIX, checkpoint_name, prune
+from .cpu_stand_ins import cpu_stand_ins
 from .fault import maybe_crash
 
 log = logging.getLogger(__name__)
@@ -36,12 +35,8 @@ log = logging.getLogger(__name__)
 def _gloo_safe_dist_checkpointing() -> Iterator[None]:
     """megatron-core's torch_dist writer calls ``torch.cuda.synchronize()`` and broadcasts its
     status in a ``torch.cuda.current_device()`` tensor; under gloo, with CPU tensors, both
-    become their CPU equivalents (a no-op and a CPU tensor). Nothing else needs CUDA."""
-    if dist.get_backend() != "gloo":
-        yield
-        return
-    with mock.patch.object(torch.cuda, "synchronize", lambda *args, **kwargs: None), \
-            mock.patch.object(torch.cuda, "current_device", lambda: "cpu"):
+    become their CPU equivalents (a no-op and a CPU tensor)."""
+    with cpu_stand_ins() if dist.get_backend() == "gloo" else contextlib.nullcontext():
         yield
 
 

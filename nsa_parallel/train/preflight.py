@@ -9,10 +9,6 @@ from .data_check import check_token_ids
 
 def check_job(config: JobConfig) -> None:
     """Raises ``ValueError`` naming the key for what the trainer cannot run."""
-    pp = config.parallel.pipeline_model_parallel_size
-    if pp > 1:
-        raise ValueError(f"parallel.pipeline_model_parallel_size ({pp}): nsa-train has no pipeline schedule "
-                         "yet; use 1")
     path = config.data.path
     if path is not None:
         for suffix in (".bin", ".idx"):

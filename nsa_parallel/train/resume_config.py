@@ -5,10 +5,11 @@ the checkpoint's: every ``model.*``, ``nsa.*`` and ``data.*`` key, ``train.seq_l
 ``train.precision``, ``train.seed`` (it decides which sample an index is) and
 ``launch.gpus_per_worker`` (CPU and GPU checkpoints hold the optimizer differently). The
 parallel layout may change where the checkpoint reshards: on CPUs the weights and AdamW's
-moments are sharded like the weights, so TP, CP and DP may all change (a TP=2 run resumed
-at TP=1, or CP=2 at CP=1, gives the uninterrupted run's losses); on GPUs Megatron's
-distributed optimizer (``dp_reshardable``) reshards only over data parallelism, so
-``parallel.tensor_model_parallel_size`` must stay. The rest (steps, learning-rate schedule,
+moments are sharded like the weights (layers by their global number), so TP, CP, PP and DP
+may all change (a TP=2 run resumed at TP=1, CP=2 at CP=1 or PP=2 at PP=1 gives the
+uninterrupted run's losses); on GPUs Megatron's distributed optimizer (``dp_reshardable``)
+reshards only over data parallelism, so ``parallel.tensor_model_parallel_size`` and
+``parallel.pipeline_model_parallel_size`` must stay. The rest (steps, learning-rate schedule,
 batch sizes, logging, checkpointing, launch) may change; ``nsa-train`` lists it in the log.
 """
 from __future__ import annotations
@@ -25,9 +26,8 @@ from .errors import JobError
 
 JOB_YAML = "job.yaml"  # the trainer's copy of the run's config, beside each checkpoint
 FIXED_SECTIONS = ("model", "nsa", "data")
-FIXED_KEYS = ("train.seq_length", "train.precision", "train.seed", "launch.gpus_per_worker",
-              "parallel.pipeline_model_parallel_size")
-GPU_FIXED_KEYS = ("parallel.tensor_model_parallel_size",)
+FIXED_KEYS = ("train.seq_length", "train.precision", "train.seed", "launch.gpus_per_worker")
+GPU_FIXED_KEYS = ("parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size")
 
 
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -5,8 +5,10 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,12 +16,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import OmegaConf
 
 from ..context_parallel import CommStats
 from ..job_config import JobConfig
 from .checkpoint import load_checkpoint, load_common, save_checkpoint, verify_checkpoint
 from .checkpoint_dirs import remove_interrupted, resume_candidates
+from .cpu_stand_ins import cpu_stand_ins
 from .data import RetrievalTask, step_microbatches, token_source
 from .errors import JobError
 from .fault import maybe_crash
@@ -150,49 +154,68 @@ def packed_documents(cu_seqlens: torch.Tensor | None) -> PackedSeqParams | None:
                            max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
+def _loss(mb: dict[str, torch.Tensor], num_tasks: int, by_sample: bool,
+          per_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Megatron's loss function for one micro-batch (last pipeline stage): (summed loss, its token or
+    sample count, {"sums": [summed loss, count, per-task loss sums, per-task token counts]})."""
+    sample_loss = (per_token.float() * mb["loss_mask"]).sum(-1)
+    sample_tokens = mb["loss_mask"].sum(-1)
+    if by_sample:
+        whole = sample_tokens.clone()
+        dist.all_reduce(whole, group=parallel_state.get_context_parallel_group())  # each CP rank holds a share
+        loss = (sample_loss / whole.clamp(min=1)).sum()
+        # A sample spans the CP ranks, which sum their counts: only CP rank 0 counts it.
+        count = (whole > 0).sum() if parallel_state.get_context_parallel_rank() == 0 else torch.zeros_like(whole.sum())
+    else:
+        loss, count = sample_loss.sum(), sample_tokens.sum()
+    # float64: token counts beyond 2**24 stay exact
+    tasks = torch.zeros(2, num_tasks, dtype=torch.float64, device=loss.device)  # loss, tokens
+    if "task" in mb:
+        tasks.index_add_(1, mb["task"], torch.stack([sample_loss.detach(), sample_tokens]).double())
+    sums = torch.cat([torch.stack([loss.detach().double(), count.double()]), tasks.flatten()])
+    return loss, count.int(), {"sums": sums}
+
+
 def train_step(module: torch.nn.Module, optimizer, microbatches: list[dict[str, torch.Tensor]], lr: float,
-               dp_cp_group: dist.ProcessGroup, task_names: list[str] = (), by_sample: bool = False
-               ) -> tuple[float, float, dict[str, float]]:
-    """One optimizer step over this rank's micro-batches; returns (global mean loss, grad norm, the
-    global mean loss of each of ``task_names`` that the step's samples hold).
+               task_names: list[str] = (), by_sample: bool = False) -> tuple[float, float, dict[str, float]]:
+    """One optimizer step over this rank's micro-batches, by Megatron's schedule (1F1B across pipeline
+    stages, or forward and backward in turn without pipeline parallelism); returns (global mean loss,
+    grad norm, the global mean loss of each of ``task_names`` that the step's samples hold).
 
     The loss is the exact mean over every loss token of the global batch, or with ``by_sample``
     the mean over its samples of each sample's own mean (so that a task's share of the gradient
     is its share of the samples, however many loss tokens it has), however the batch is split
-    over micro-batches and ranks: each micro-batch's loss is summed, gradients and the token (or
-    sample) count are summed over all replicas and divided once. Micro-batches of a task mix
+    over micro-batches, ranks and stages: each micro-batch's loss is summed (Megatron's
+    ``calculate_per_token_loss``), and the optimizer's ``finalize_model_grads_func`` sums gradients
+    and the token (or sample) count over all replicas and divides once. Micro-batches of a task mix
     carry each sample's task (``task``, an index into ``task_names``); per-task losses are per token.
+    Every stage holds the micro-batches; the first stage reads their tokens, the last their labels.
     """
     optimizer.zero_grad()
     device = microbatches[0]["tokens"].device
-    cp_group = parallel_state.get_context_parallel_group()
-    counts_samples = by_sample and parallel_state.get_context_parallel_rank() == 0  # a sample spans the CP ranks
-    loss_sum, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    task_sums = torch.zeros(2, len(task_names), device=device)  # loss, tokens
-    for mb in microbatches:
-        per_token = module(mb["tokens"], mb["position_ids"], None, labels=mb["labels"],
-                           packed_seq_params=packed_documents(mb.get("cu_seqlens")))
-        sample_loss = (per_token.float() * mb["loss_mask"]).sum(-1)
-        sample_tokens = mb["loss_mask"].sum(-1)
-        if by_sample:
-            whole = sample_tokens.clone()
-            dist.all_reduce(whole, group=cp_group)  # this rank holds a share of each sample's tokens
-            loss = (sample_loss / whole.clamp(min=1)).sum()
-            count += (whole > 0).sum() if counts_samples else 0
-        else:
-            loss = sample_loss.sum()
-            count += sample_tokens.sum()
-        loss.backward()
-        loss_sum += loss.detach()
-        if "task" in mb:
-            task_sums.index_add_(1, mb["task"], torch.stack([sample_loss.detach(), sample_tokens]))
-    optimizer.reduce_gradients(count)  # count becomes the global count
+
+    def forward_step(batches, model):
+        mb = next(batches)
+        output = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"],
+                       packed_seq_params=packed_documents(mb.get("cu_seqlens")))
+        return output, partial(_loss, mb, len(task_names), by_sample)
+
+    micro_batch_size, local_length = microbatches[0]["tokens"].shape
+    with cpu_stand_ins() if device.type == "cpu" else contextlib.nullcontext():
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(microbatches), model=module,
+            num_microbatches=len(microbatches), micro_batch_size=micro_batch_size,
+            # the whole sequence: the schedule sizes what stages exchange as its share per CP rank
+            seq_length=local_length * parallel_state.get_context_parallel_world_size(), forward_only=False)
     grad_norm = optimizer.step(lr)
-    dist.all_reduce(loss_sum, group=dp_cp_group)
-    dist.all_reduce(task_sums, group=dp_cp_group)
-    per_task = {name: (task_sums[0, i] / task_sums[1, i]).item()
-                for i, name in enumerate(task_names) if task_sums[1, i] > 0}
-    return (loss_sum / count.clamp(min=1)).item(), grad_norm, per_task
+    # The sums exist on the last stage: over its DP x CP replicas, then (the other stages adding
+    # zeros) to every stage, so that every rank sees the same loss.
+    sums = sum((out["sums"] for out in outputs), torch.zeros(2 + 2 * len(task_names), dtype=torch.float64, device=device))
+    dist.all_reduce(sums, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    dist.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
+    tasks = sums[2:].view(2, -1)
+    per_task = {name: (tasks[0, i] / tasks[1, i]).item() for i, name in enumerate(task_names) if tasks[1, i] > 0}
+    return (sums[0] / sums[1].clamp(min=1)).item(), grad_norm, per_task
 
 
 def take_comm_stats(model: torch.nn.Module) -> dict[str, float]:
@@ -231,7 +254,6 @@ def train(config: JobConfig, device: torch.device) -> None:
                          "lower means the model finds the pairs in its context", config.data.num_pairs,
                          source.guessing_loss)
         ps = parallel_state
-        dp_cp_group = ps.get_data_parallel_group(with_context_parallel=True)
         task_names = source.names if isinstance(source, TaskMix) else []
         metrics = MetricsWriter(paths, step) if rank0 else None
         progress = Progress(step, t.max_steps, t.log_interval, t.global_batch_size * t.seq_length) if rank0 else None
@@ -241,8 +263,8 @@ def train(config: JobConfig, device: torch.device) -> None:
             batches = step_microbatches(source, consumed, config, ps.get_data_parallel_rank(),
                                         ps.get_data_parallel_world_size(), ps.get_context_parallel_rank(),
                                         ps.get_context_parallel_world_size(), device)
-            loss, grad_norm, task_losses = train_step(optimizer.module, optimizer, batches, lr, dp_cp_group,
-                                                      task_names, t.loss_normalization == "sample")
+            loss, grad_norm, task_losses = train_step(optimizer.module, optimizer, batches, lr, task_names,
+                                                      t.loss_normalization == "sample")
             step, consumed = step + 1, consumed + t.global_batch_size
             maybe_crash("step", step, paths.checkpoints)
             comm = take_comm_stats(model)
