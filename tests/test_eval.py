@@ -119,6 +119,13 @@ def test_lengths_too_short_for_the_tasks(trained, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_step_without_a_checkpoint(trained, tmp_path, capsys):
+    assert cli.main(["--run", str(trained), "--out", str(tmp_path / "out"), "--step", "7"]) == 2
+    assert "--step 7: " in (err := capsys.readouterr().err) and "no complete checkpoint step_00000007" in err
+    assert "step_00000002" in err, "the error lists the steps there are"
+    assert not (tmp_path / "out").exists()
+
+
 def test_run_without_a_checkpoint(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     _fails(capsys, tmp_path / "empty", tmp_path / "out", "no checkpoint", "latest does not exist")

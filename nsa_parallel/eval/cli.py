@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=8, help="samples per length and depth (MQAR: per length)")
     p.add_argument("--lm-samples", type=int, default=8, help="held-out windows for the loss")
     p.add_argument("--tasks", type=lambda s: s.split(","), default=list(TASKS), help="lm,passkey,mqar")
+    p.add_argument("--step", type=int, help="evaluate each run's checkpoint of this step (default: its latest), "
+                   "so that runs of different speeds are compared at equal tokens")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--corpus", help="the corpus prefix, where it is not the runs' data.path any more")
     return p
@@ -62,6 +64,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise RunError(f"--tasks: unknown {sorted(unknown)}; the tasks are {TASKS}")
     if any(n <= 0 for n in args.seq_lens or []) or not all(0 <= d <= 1 for d in args.depths):
         raise RunError("--seq-lens must be positive and --depths in [0, 1]")
+    if args.step is not None and args.step <= 0:
+        raise RunError(f"--step must be a positive training step, not {args.step}")
     if args.samples <= 0 or args.lm_samples <= 0:
         raise RunError("--samples and --lm-samples must be positive")
     names = [run.resolve().name for run in args.run]
@@ -79,7 +83,7 @@ def _prepare(args: argparse.Namespace) -> dict[str, tuple]:
     wanted = tuple(task for task in TASKS if task in args.tasks)
     prepared = {}
     for run in (r.resolve() for r in args.run):
-        checkpoint, config = prepare_run(run, corpus=args.corpus)
+        checkpoint, config = prepare_run(run, corpus=args.corpus, step=args.step)
         try:
             tasks = corpus_tasks(Corpus(config.data.path), config.model.vocab_size, config.data.num_pairs, wanted)
         except ValueError as err:
