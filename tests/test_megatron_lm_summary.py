@@ -10,7 +10,8 @@ import megatron_lm_summary as summary  # noqa: E402
 def _iteration(step: int, total: int, ms: float, loss: float, grad_norm: float) -> str:
     line = " [2026-09-01 10:00:00.000000]" + " iteration {:8d}/{:8d} |".format(step, total)
     line += " consumed samples: {:12d} |".format(4 * step) + " elapsed time per iteration (ms): {:.1f} |".format(ms)
-    line += " throughput per GPU (TFLOP/s/GPU): 12.3 |" + f" learning rate: {3e-4:.6E} |" + f" global batch size: {4:5d} |"
+    line += " throughput per GPU (TFLOP/s/GPU): 12.3 |" + f" learning rate: {3e-4:.6E} |"
+    line += f" global batch size: {4:5d} |"
     line += " {}: {:.6E} |".format("lm loss", loss) + f" loss scale: {1.0:.1f} |" + f" grad norm: {grad_norm:.3f} |"
     return line + " number of skipped iterations: {:3d} |".format(0) + " number of nan iterations: {:3d} |".format(0)
 
