@@ -41,7 +41,8 @@ def test_round_trip_and_latest_pointer(tmp_path):
     # every file but the checksums themselves, with its size and sha256
     sums = json.loads((saved / "checksums.json").read_text())
     assert sorted(sums) == sorted(p.name for p in saved.iterdir() if p.name != "checksums.json")
-    assert {"job.yaml", "metadata.json", "common.pt"} <= sums.keys() and sums["job.yaml"]["bytes"] == 5
+    # megatron-core 0.16 also writes common.pt; 0.19.2 writes none
+    assert {"job.yaml", "metadata.json"} <= sums.keys() and sums["job.yaml"]["bytes"] == 5
     assert checkpoint.verify_checkpoint(saved) is None
     assert checkpoint.load_common(saved)["step"] == 7
     loaded = checkpoint.load_checkpoint(saved, _state(torch.zeros(4, 3), 0))
