@@ -5,6 +5,8 @@ communication allocates receive buffers on ``torch.cuda.current_device()`` and c
 ``torch.cuda.synchronize()``, its activation checkpointing saves and restores the CUDA RNG, and its
 torch_dist checkpoint writer synchronises CUDA and broadcasts a status flag on the current device.
 Each of these has a CPU meaning (a CPU tensor, a no-op, no CUDA RNG to keep); nothing else changes.
+Torch function modes are not active in the backward pass, so a ``device="cuda"`` factory call made by
+recomputation there is not redirected (none is, in the models nsa-train builds).
 """
 from __future__ import annotations
 

@@ -210,7 +210,8 @@ def train_step(module: torch.nn.Module, optimizer, microbatches: list[dict[str, 
     grad_norm = optimizer.step(lr)
     # The sums exist on the last stage: over its DP x CP replicas, then (the other stages adding
     # zeros) to every stage, so that every rank sees the same loss.
-    sums = sum((out["sums"] for out in outputs), torch.zeros(2 + 2 * len(task_names), dtype=torch.float64, device=device))
+    sums = sum((out["sums"] for out in outputs), torch.zeros(2 + 2 * len(task_names), dtype=torch.float64,
+                                                              device=device))
     dist.all_reduce(sums, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     dist.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
     tasks = sums[2:].view(2, -1)
