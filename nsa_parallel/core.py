@@ -163,13 +163,26 @@ def _compress(kv: KV, halo: list[KVPair | None], phi: Compressors, rotary: Rotar
     return shard.gather_compressed(_cat(keys), _cat(values))
 
 
+def rotate_keys(kv: BranchKV, rotary: Rotary | None) -> BranchKV:
+    """The selection and window keys rotated at their tokens; the compression branch's stay raw
+    (``phi`` reads them raw and its outputs are rotated at their blocks' last tokens)."""
+    if rotary is None:
+        return kv
+    return BranchKV(kv.cmp, KV(apply_rotary(kv.slc.k, *rotary), kv.slc.v),
+                    KV(apply_rotary(kv.win.k, *rotary), kv.win.v))
+
+
+def compress_sequence(kv: KV, phi: Compressors, config: NSAConfig, rotary: Rotary | None = None) -> KV:
+    """The compressed keys and values of one whole sequence ``[B, T, G, d]``, each key rotated at its
+    block's last token: what :func:`nsa_core`'s compression branch attends to (a KV cache keeps them)."""
+    return KV(*_compress(kv, [None], phi, rotary, WholeSequence(kv.k.shape[1]), config))
+
+
 def _attend(q: torch.Tensor, kv: BranchKV, gate_logits: torch.Tensor, phi: Compressors, config: NSAConfig,
             rotary: Rotary | None, scale: float | None, shard: Shard, backend: ops.Backend) -> torch.Tensor:
     """One sequence (or this rank's shard of it): ``[B, T, H, dv]``."""
     q = q.contiguous() if rotary is None else apply_rotary(q, *rotary)  # every kernel reads it contiguous
-    if rotary is not None:
-        kv = BranchKV(kv.cmp, KV(apply_rotary(kv.slc.k, *rotary), kv.slc.v),
-                      KV(apply_rotary(kv.win.k, *rotary), kv.win.v))
+    kv = rotate_keys(kv, rotary)
     # Collectives run in this order on every rank.
     win_halo = shard.halo(kv.win, config.window_size - 1)
     cmp_halo = shard.halo(kv.cmp, config.compress_block_size - config.compress_stride)

@@ -2,8 +2,8 @@
 
 A file may name another with ``base: other.yaml`` (relative to itself); its keys override
 the base's, and command-line dotlist overrides (``train.max_steps=100``) override both.
-Unknown keys, wrong types and invalid values are errors naming the key, raised before
-any worker starts.
+Unknown keys, wrong types, invalid values and YAML syntax errors (with the file, line and
+column) are errors naming the key, raised before any worker starts.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import NSAConfig
@@ -64,6 +65,19 @@ class TrainSection:
     clip_grad: float = 1.0  # max global gradient norm; 0 turns clipping off
     seed: int = 1234
     precision: str = "bf16"
+    # "token": the loss is the mean over all loss tokens (Megatron's); "sample": the mean of each
+    # sample's own mean, so a task mix weighs its tasks by samples, not by their loss tokens.
+    loss_normalization: str = "token"
+    # Megatron's activation recomputation (TransformerConfig's fields of the same names): None keeps
+    # every activation; "full" recomputes whole layers (recompute_method "uniform": groups of
+    # recompute_num_layers layers; "block": the first recompute_num_layers layers of each stage);
+    # "selective" recomputes recompute_modules (None: Megatron's default, core_attn) inside each layer:
+    # core_attn, the attention in Megatron's core_attention slot (SDPA, or NSA's core with phi); mlp and
+    # layernorm: see BROKEN_RECOMPUTE_MODULES.
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
+    recompute_modules: Optional[list[str]] = None
 
 
 @dataclass
@@ -84,7 +98,7 @@ class LaunchSection:
     num_workers: int = 1
     gpus_per_worker: int = 0
     cpus_per_worker: int = 1
-    max_failures: int = 3  # worker-group restarts (each resumes from the latest checkpoint)
+    max_failures: int = 3  # worker-group restarts after a worker dies (each resumes from the latest checkpoint)
 
 
 @dataclass
@@ -112,6 +126,19 @@ class JobConfig:
 
 
 PRECISIONS = ("bf16", "fp32")
+RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+# Megatron's selective recomputation of a dense GPT's parts (its MoE and MLA ones have no place here).
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
+# Those that megatron-core cannot run for these models (the backward pass would fail), and why.
+BROKEN_RECOMPUTE_MODULES = {
+    "mlp": "megatron-core (0.16 to 0.19) recomputes the MLP through its CheckpointFunction, which hands back "
+           "linear_fc2's bias Parameter itself; autograd gives that Parameter the checkpoint's grad_fn and the "
+           "backward pass recurses without end (these models have linear biases)",
+    "layernorm": "megatron-core (0.16 to 0.19) takes every CheckpointWithoutOutput for an fp8 one "
+                 "(`self.fp8 = fp8 is not None`) and then needs Transformer Engine, which nsa-train does not use",
+}
+LOSS_NORMALIZATIONS = ("token", "sample")
 ATTENTIONS = ("nsa", "full")
 
 
@@ -122,18 +149,30 @@ def _layers(path: Path, seen: tuple[Path, ...] = ()) -> list:
         raise ValueError(f"base: {path} includes itself")
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
-    node = OmegaConf.load(path)
+    try:
+        node = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ValueError(f"config file {path}: YAML syntax error at {where}: {err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path}: YAML error: {err}") from None
+    if not isinstance(node, DictConfig):
+        raise ValueError(f"config file {path}: must be a mapping of sections (model:, train:, ...)")
     base = node.pop("base", None)
     return (_layers(path.parent / base, seen + (path,)) if base else []) + [node]
 
 
 def load_job_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
     """Loads ``path`` (with its ``base:`` chain) and dotlist ``overrides``, then validates."""
+    layers = _layers(Path(path))
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(JobConfig), *_layers(Path(path)),
+        merged = OmegaConf.merge(OmegaConf.structured(JobConfig), *layers,
                                  OmegaConf.from_dotlist(list(overrides or [])))
     except OmegaConfBaseException as err:  # unknown key or wrong type, named by OmegaConf
         raise ValueError(f"invalid config {path}: {err}") from None
+    except yaml.YAMLError as err:  # an override's value
+        raise ValueError(f"invalid override in {overrides}: {err}") from None
     config: JobConfig = OmegaConf.to_object(merged)
     validate(config)
     return config
@@ -164,8 +203,12 @@ def validate(c: JobConfig) -> None:
         raise ValueError(f"launch.gpus_per_worker ({lc.gpus_per_worker}) must be 0 (CPU) or 1: one worker per GPU")
     if lc.max_failures < 0:
         raise ValueError(f"launch.max_failures ({lc.max_failures}) must not be negative")
-    if t.clip_grad < 0:
-        raise ValueError(f"train.clip_grad ({t.clip_grad}) must not be negative (0 turns clipping off)")
+    _check_numbers(c)
+    if t.loss_normalization not in LOSS_NORMALIZATIONS:
+        raise ValueError(f"train.loss_normalization ({t.loss_normalization!r}) must be one of {LOSS_NORMALIZATIONS}")
+    if t.loss_normalization == "sample" and c.data.eod_token is not None:
+        raise ValueError("train.loss_normalization=sample and data.eod_token cannot be combined: a row of packed "
+                         "documents is not one sample")
     if t.precision not in PRECISIONS:
         raise ValueError(f"train.precision ({t.precision!r}) must be one of {PRECISIONS}")
     if t.precision == "bf16" and lc.gpus_per_worker == 0:
@@ -185,18 +228,22 @@ def validate(c: JobConfig) -> None:
     if m.num_query_groups % tp:
         raise ValueError(f"model.num_query_groups ({m.num_query_groups}) must be divisible by "
                          f"parallel.tensor_model_parallel_size ({tp})")
-    if m.num_layers % p.pipeline_model_parallel_size:
+    pp = p.pipeline_model_parallel_size
+    if m.num_layers % pp:  # Megatron splits the layers evenly over the stages
         raise ValueError(f"model.num_layers ({m.num_layers}) must be divisible by "
-                         f"parallel.pipeline_model_parallel_size ({p.pipeline_model_parallel_size})")
-    model_parallel = tp * p.context_parallel_size * p.pipeline_model_parallel_size
+                         f"parallel.pipeline_model_parallel_size ({pp})")
+    model_parallel = tp * p.context_parallel_size * pp
     if lc.num_workers % model_parallel:
-        raise ValueError(f"launch.num_workers ({lc.num_workers}) must be a multiple of tensor x context x "
-                         f"pipeline parallel sizes ({model_parallel})")
+        raise ValueError(f"launch.num_workers ({lc.num_workers}) must be a multiple of "
+                         "parallel.tensor_model_parallel_size x parallel.context_parallel_size x "
+                         f"parallel.pipeline_model_parallel_size ({tp} x {p.context_parallel_size} x {pp} = "
+                         f"{model_parallel})")
     # Megatron's load-balanced layout cuts the sequence into 2*CP chunks of whole selection blocks.
     chunk = 2 * p.context_parallel_size * c.nsa.select_block_size
     if t.seq_length % chunk:
         raise ValueError(f"train.seq_length ({t.seq_length}) must be divisible by 2 x "
                          f"parallel.context_parallel_size x nsa.select_block_size ({chunk})")
+    _check_recompute(c)
     if c.data.path is None:
         _check_retrieval_task(c)
     if c.data.mix:
@@ -207,6 +254,65 @@ def validate(c: JobConfig) -> None:
     if t.global_batch_size % per_step:
         raise ValueError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
                          f"train.micro_batch_size x data-parallel size ({per_step})")
+
+
+def _check_numbers(c: JobConfig) -> None:
+    """The float keys (NaN and inf parse as floats) and the integers without a positive rule."""
+    m, t = c.model, c.train
+    finite = math.isfinite
+    rules = (  # key, value, holds, rule; train.lr comes before train.min_lr, which it bounds
+        ("model.rotary_base", m.rotary_base, finite(m.rotary_base) and m.rotary_base > 0, "positive and finite"),
+        ("train.lr", t.lr, finite(t.lr) and t.lr > 0, "positive and finite"),
+        ("train.min_lr", t.min_lr, 0 <= t.min_lr <= t.lr, f"in [0, train.lr ({t.lr})]"),
+        ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
+        ("train.weight_decay", t.weight_decay, finite(t.weight_decay) and t.weight_decay >= 0, "finite and >= 0"),
+        ("train.clip_grad", t.clip_grad, finite(t.clip_grad) and t.clip_grad >= 0,
+         "finite and >= 0 (0 turns clipping off)"),
+        # numpy's RandomState (GPTDataset's shuffle) takes seeds in [0, 2**32)
+        ("train.seed", t.seed, 0 <= t.seed < 2**32, "in [0, 2**32)"),
+    )
+    for key, value, holds, rule in rules:
+        if not holds:
+            raise ValueError(f"{key} ({value}) must be {rule}")
+
+
+def _check_recompute(c: JobConfig) -> None:
+    """Megatron's rules for its recomputation fields, as errors naming our keys, before any worker starts."""
+    t = c.train
+    granularity, method, num_layers, modules = (t.recompute_granularity, t.recompute_method,
+                                                t.recompute_num_layers, t.recompute_modules)
+    if granularity not in RECOMPUTE_GRANULARITIES:
+        raise ValueError(f"train.recompute_granularity ({granularity!r}) must be null, 'full' or 'selective'")
+    now = "null" if granularity is None else granularity
+    if granularity != "full":
+        for key, value in (("recompute_method", method), ("recompute_num_layers", num_layers)):
+            if value is not None:
+                raise ValueError(f"train.{key} ({value!r}) applies to train.recompute_granularity=full only "
+                                 f"(it is {now}): leave it null")
+    if granularity != "selective" and modules is not None:
+        raise ValueError(f"train.recompute_modules ({modules}) applies to train.recompute_granularity=selective "
+                         f"only (it is {now}): leave it null")
+    if granularity == "full":
+        if method not in RECOMPUTE_METHODS:
+            raise ValueError(f"train.recompute_method ({method!r}) must be one of {RECOMPUTE_METHODS} with "
+                             "train.recompute_granularity=full")
+        per_stage = c.model.num_layers // c.parallel.pipeline_model_parallel_size
+        if num_layers is None or not 1 <= num_layers <= per_stage:
+            raise ValueError(f"train.recompute_num_layers ({num_layers}) must be between 1 and the layers per "
+                             f"pipeline stage, model.num_layers / parallel.pipeline_model_parallel_size ({per_stage}), "
+                             "with train.recompute_granularity=full")
+        if method == "uniform" and per_stage % num_layers:  # Megatron's groups would run past the last layer
+            raise ValueError(f"train.recompute_num_layers ({num_layers}) must divide the layers per pipeline "
+                             f"stage ({per_stage}) with train.recompute_method=uniform")
+    if granularity == "selective":
+        chosen = ["core_attn"] if modules is None else modules
+        unknown = [name for name in chosen if name not in RECOMPUTE_MODULES]
+        if unknown or not chosen:
+            raise ValueError(f"train.recompute_modules ({modules}) must be a non-empty list of {RECOMPUTE_MODULES}")
+        for name in chosen:
+            if name in BROKEN_RECOMPUTE_MODULES:
+                raise ValueError(f"train.recompute_modules: {name} is refused: {BROKEN_RECOMPUTE_MODULES[name]}; "
+                                 "use core_attn or train.recompute_granularity=full")
 
 
 def _check_documents(c: JobConfig) -> None:

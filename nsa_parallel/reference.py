@@ -132,7 +132,7 @@ def selection_scores(
     """``p_grp[b, t, g, j]``: compression probabilities mapped to selection blocks by overlap,
     summed over the heads of group ``g``; ``[B, T, G, Ns]`` with ``Ns`` the blocks covering
     positions ``0 .. query_offset + T - 1``."""
-    batch, seq_len, num_heads, _ = q.shape
+    _, seq_len, num_heads, _ = q.shape
     num_groups = k_cmp.shape[2]
     num_blocks = config.num_select_blocks(query_offset + seq_len)
     ends = compressed_positions(torch.arange(k_cmp.shape[1], device=q.device), config)
@@ -142,15 +142,23 @@ def selection_scores(
         t = _positions(query_offset + t0, query_offset + t1, q.device)
         scores = torch.einsum("bthd,bshd->bhts", q[:, t0:t1], expand_kv_heads(k_cmp, num_heads)) * scale
         p_cmp, _ = masked_softmax(scores, ends[None, :] <= t[:, None])
-        p_slc = p_cmp @ weights  # [B, H, Tq, Ns]
-        p_grp = p_slc.view(batch, num_groups, num_heads // num_groups, t1 - t0, num_blocks).sum(2)
-        out.append(p_grp.permute(0, 2, 1, 3))
+        out.append(group_block_scores(p_cmp, weights, num_groups))
     return torch.cat(out, dim=1)
 
 
-def selection_keys(scores: torch.Tensor, config: NSAConfig, query_offset: int = 0) -> torch.Tensor:
+def group_block_scores(p_cmp: torch.Tensor, weights: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Compression probabilities ``[B, H, Tq, Tc]`` -> selection-block scores summed over each
+    group's heads, ``[B, Tq, G, Ns]``, through the overlap ``weights [Tc, Ns]``."""
+    batch, num_heads, num_queries, _ = p_cmp.shape
+    p_slc = p_cmp @ weights  # [B, H, Tq, Ns]
+    p_grp = p_slc.view(batch, num_groups, num_heads // num_groups, num_queries, weights.shape[1]).sum(2)
+    return p_grp.permute(0, 2, 1, 3)
+
+
+def selection_keys(scores: torch.Tensor, config: NSAConfig, query_offset: int | torch.Tensor = 0) -> torch.Tensor:
     """Ranking keys: ``+inf`` for the forced initial and two local blocks, ``-inf`` for blocks
-    starting after the query, the score otherwise."""
+    starting after the query, the score otherwise. ``query_offset`` may be an integer tensor
+    ``[B, 1, 1, 1]`` (decoding: every sequence at its own position)."""
     ls = config.select_block_size
     t = query_offset + torch.arange(scores.shape[1], device=scores.device)[:, None, None]
     j = torch.arange(scores.shape[3], device=scores.device)
@@ -160,7 +168,7 @@ def selection_keys(scores: torch.Tensor, config: NSAConfig, query_offset: int = 
     return torch.where(j * ls <= t, key, float("-inf"))
 
 
-def top_blocks(scores: torch.Tensor, config: NSAConfig, query_offset: int = 0) -> torch.Tensor:
+def top_blocks(scores: torch.Tensor, config: NSAConfig, query_offset: int | torch.Tensor = 0) -> torch.Tensor:
     """The ``n`` chosen blocks per row of ``scores [B, T, G, Ns]``: int32, ascending, ``-1`` padded.
 
     Forced blocks always win, ineligible ones never; equal scores prefer the lower block id.
@@ -185,6 +193,15 @@ def select_blocks(
     return top_blocks(scores, config, query_offset)
 
 
+def selected_keys(block_indices: torch.Tensor, seq_len: int, config: NSAConfig) -> torch.Tensor:
+    """``block_indices [..., n]`` (``-1`` unused) -> bool ``[..., seq_len]``: key ``s`` lies in a chosen block."""
+    num_blocks = config.num_select_blocks(seq_len)
+    idx = block_indices.long()
+    picked = torch.zeros(*idx.shape[:-1], num_blocks + 1, dtype=torch.bool, device=idx.device)
+    picked.scatter_(-1, torch.where(idx < 0, num_blocks, idx), True)
+    return picked[..., torch.arange(seq_len, device=idx.device) // config.select_block_size]
+
+
 def selection_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -197,15 +214,10 @@ def selection_attention(
     """Query ``t`` (at position ``query_offset + t``) attends to keys ``s <= query_offset + t``
     whose block ``s // l'`` its group selected; keys sit at positions ``0 .. S-1``."""
     num_heads, seq_len = q.shape[2], k.shape[1]
-    num_blocks = config.num_select_blocks(seq_len)
-    key_block = torch.arange(seq_len, device=q.device) // config.select_block_size
     key_pos = torch.arange(seq_len, device=q.device)
     out = []
     for t0, t1 in _query_chunks(q.shape[1]):
-        idx = block_indices[:, t0:t1].long()  # [B, Tq, G, n]
-        picked = torch.zeros(*idx.shape[:-1], num_blocks + 1, dtype=torch.bool, device=q.device)
-        picked.scatter_(-1, torch.where(idx < 0, num_blocks, idx), True)
-        in_selected = picked[..., key_block]  # [B, Tq, G, S]
+        in_selected = selected_keys(block_indices[:, t0:t1], seq_len, config)  # [B, Tq, G, S]
         causal = key_pos[None, :] <= _positions(query_offset + t0, query_offset + t1, q.device)[:, None]
         visible = expand_kv_heads(in_selected, num_heads).permute(0, 2, 1, 3) & causal
         out.append(masked_attention(q[:, t0:t1], k, v, visible, scale))

@@ -16,4 +16,5 @@ python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --
 python -m zipfile -e "$wheels"/megatron_core-*.whl "$wheels/site"
 echo "== again against megatron-core $megatron_next"
 PYTHONPATH="$wheels/site" python -m pytest -ra tests/test_megatron_*.py tests/test_train_data.py \
-  tests/test_train_checkpoint.py tests/test_train_config.py tests/test_job_config.py tests/test_tasks.py tests/test_eval.py
+  tests/test_train_checkpoint.py tests/test_train_config.py tests/test_train_recompute.py tests/test_job_config.py \
+  tests/test_tasks.py tests/test_eval.py

@@ -54,12 +54,17 @@ def test_every_length_and_depth_is_scored_and_plotted(trained, tmp_path):
     assert run["step"] == 2 and run["attention"] == "nsa" and run["trained_seq_length"] == 256
     assert run["parameters"] > 0 and run["evaluated"]["device"] == "cpu"
     assert 0 < run["heldout"]["bits_per_token"] < 16
+    curves = run["training"]["curves"]
+    assert [step for step, _ in curves["loss"]] == [1, 2] and run["training"]["tokens_per_s"] > 0
+    assert set(curves) <= {"loss", "loss/lm", "loss/passkey", "loss/mqar"} and len(curves) > 1
     for task in ("passkey", "mqar"):
         grid = run[task]["accuracy"]
         assert list(grid) == [str(n) for n in LENGTHS]
         for row in grid.values():
             assert list(row) == [str(d) for d in DEPTHS]
             assert all(0.0 <= value <= 1.0 for value in row.values()), row
+        for answers in run[task]["answer_tokens"].values():
+            assert 0.0 <= answers["accuracy"] <= 1.0 and answers["nll"] > 0
     for name in ("passkey.png", "mqar.png", "loss_curves.png"):
         assert (tmp_path / "out" / name).read_bytes().startswith(PNG)
     assert "| nsa | nsa |" in (tmp_path / "out" / "summary.md").read_text()
@@ -73,6 +78,20 @@ def test_every_length_and_depth_is_scored_and_plotted(trained, tmp_path):
     merged = json.loads((tmp_path / "merged" / "eval.json").read_text())
     assert set(merged["runs"]) == {"nsa", "again"}
     assert (tmp_path / "merged" / "passkey.png").read_bytes().startswith(PNG)
+
+
+def test_training_logs_each_tasks_loss(trained):
+    from nsa_parallel.eval.run import run_config
+    from nsa_parallel.train.data import task_mix
+
+    checkpoint = trained / "checkpoints" / "step_00000002"
+    config = run_config(checkpoint, [])
+    mix, per_step = task_mix(config), config.train.global_batch_size
+    rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        step_tasks = {mix.task_of(i) for i in range((row["step"] - 1) * per_step, row["step"] * per_step)}
+        assert {key.removeprefix("loss/") for key in row if key.startswith("loss/")} == step_tasks
+        assert all(0 < row[f"loss/{task}"] < 10 for task in step_tasks)
 
 
 def _copy_run(trained: Path, tmp_path: Path) -> tuple[Path, Path]:
@@ -94,6 +113,19 @@ def test_missing_run_directory(tmp_path, capsys):
     _fails(capsys, tmp_path / "nope", tmp_path / "out", f"--run {tmp_path / 'nope'}: no such directory")
 
 
+def test_lengths_too_short_for_the_tasks(trained, tmp_path, capsys):
+    assert cli.main(["--run", str(trained), "--out", str(tmp_path / "out"), "--seq-lens", "64,256"]) == 2
+    assert "--seq-lens: 64 is shorter than the" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_step_without_a_checkpoint(trained, tmp_path, capsys):
+    assert cli.main(["--run", str(trained), "--out", str(tmp_path / "out"), "--step", "7"]) == 2
+    assert "--step 7: " in (err := capsys.readouterr().err) and "no complete checkpoint step_00000007" in err
+    assert "step_00000002" in err, "the error lists the steps there are"
+    assert not (tmp_path / "out").exists()
+
+
 def test_run_without_a_checkpoint(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     _fails(capsys, tmp_path / "empty", tmp_path / "out", "no checkpoint", "latest does not exist")
@@ -103,6 +135,8 @@ def test_corrupt_checkpoint(trained, tmp_path, capsys):
     run, checkpoint = _copy_run(trained, tmp_path)
     shard = sorted(checkpoint.glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    _fails(capsys, run, tmp_path / "out", f"checkpoint {checkpoint} is damaged", shard.name)
+    (checkpoint / "checksums.json").unlink()  # as written before checksums: then loading fails
     _fails(capsys, run, tmp_path / "out", f"checkpoint {checkpoint} cannot be loaded")
 
 
@@ -110,12 +144,15 @@ def test_config_that_does_not_match_the_checkpoint(trained, tmp_path, capsys):
     run, checkpoint = _copy_run(trained, tmp_path)
     job = checkpoint / "job.yaml"
     job.write_text(job.read_text().replace("hidden_size: 64", "hidden_size: 96"))
+    _fails(capsys, run, tmp_path / "out", f"checkpoint {checkpoint} is damaged", "job.yaml")  # its checksum
+    (checkpoint / "checksums.json").unlink()  # as written before checksums: the shapes tell
     _fails(capsys, run, tmp_path / "out", f"checkpoint {checkpoint} does not match its config {job}",
            "embedding.word_embeddings.weight is (320, 64) in the checkpoint, (320, 96)")
 
 
 def test_missing_config_and_missing_corpus(trained, tmp_path, capsys):
     run, checkpoint = _copy_run(trained, tmp_path)
+    (checkpoint / "checksums.json").unlink()  # job.yaml is edited below
     job = checkpoint / "job.yaml"
     text = job.read_text()
     job.unlink()

@@ -6,8 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
-import warnings
 from pathlib import Path
 
 import pytest
@@ -28,24 +26,10 @@ from nsa_parallel.megatron import (  # noqa: E402
 from nsa_parallel.megatron.sdpa_attention import FUSED_BACKENDS  # noqa: E402
 
 from conftest import DEVICE, ON_GPU, assert_close, check_forward_backward, gpu  # noqa: E402
-from test_megatron_layer import VOCAB, tiny_config  # noqa: E402
+from test_megatron_layer import VOCAB, model_parallel, tiny_config  # noqa: E402, F401 (model_parallel: autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ, BATCH, HEADS, GROUPS, HEAD_DIM = 37, 2, 4, 2, 16  # odd length, GQA: 2 heads per KV group
-
-
-@pytest.fixture(scope="module", autouse=True)
-def model_parallel():
-    """gloo, world size 1, TP=1: what Megatron's linear layers need on the CPU."""
-    owned = not dist.is_initialized()
-    if owned:
-        dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
-    warnings.filterwarnings("ignore", module="megatron")
-    yield
-    parallel_state.destroy_model_parallel()
-    if owned:
-        dist.destroy_process_group()
 
 
 class _CPUBuffer:

@@ -133,3 +133,15 @@ def test_config_builds_the_mix_and_names_bad_keys(tmp_path):
                                    "data.num_pairs=4"])
     with pytest.raises(ValueError, match=r"data.num_pairs \(4\) MQAR keys need model.vocab_size >= 265"):
         token_source(small, tmp_path / "cache")
+
+
+def test_training_needles_are_spread_evenly_over_octaves_of_distance(corpus):
+    corpus, _ = corpus
+    task = Passkey(corpus)
+    seq_length = 1024
+    filler = seq_length + 1 - task.overhead - task.DIGITS
+    distances = [filler * (1 - float(task.sample(seq_length, sample_generator(3, i), "train")["answer_depth"][-1]))
+                 for i in range(400)]
+    assert min(distances) >= task.MIN_DISTANCE - 1 and max(distances) <= filler
+    middle = math.sqrt(task.MIN_DISTANCE * filler)  # the geometric middle: half the needles on each side
+    assert 0.4 < sum(d < middle for d in distances) / len(distances) < 0.6

@@ -25,7 +25,7 @@ def test_defaults_of_the_trainer_fields():
     (["data.num_pairs=40"], "data.num_pairs (40) needs model.vocab_size >= 81"),
     (["data.num_pairs=0"], "data.num_pairs (0) must be positive"),
     (["model.vocab_size=4096", "data.num_pairs=200"], "data.num_pairs (200) does not fit train.seq_length (512)"),
-    (["train.clip_grad=-1"], "train.clip_grad (-1.0) must not be negative"),
+    (["train.clip_grad=-1"], "train.clip_grad (-1.0) must be finite and >= 0"),
     (["train.keep_checkpoints=0"], "train.keep_checkpoints (0) must be positive"),
     (["launch.max_failures=-1"], "launch.max_failures (-1) must not be negative"),
     (["data.eod_token=64", "data.path=/p", "parallel.context_parallel_size=1"],

@@ -226,32 +226,48 @@ def _top_n_kernel(
     s_rows = s_ptr + b * stride_sb + g * stride_sg + (offs_t - t_begin)[:, None].to(tl.int64) * stride_st
     score = tl.load(s_rows + offs_j[None, :], mask=eligible, other=float("-inf"))
     forced = (offs_j[None, :] == 0) | (offs_j[None, :] == own_block) | (offs_j[None, :] == own_block - 1)
+    chosen = top_n_mask(score, eligible, forced, offs_j[None, :], NUM_SELECTED, BLOCK_NS)
+    out_rows = out_ptr + b * stride_ob + offs_t[:, None].to(tl.int64) * stride_ot + g * stride_og
+    store_chosen(out_rows, chosen, offs_j[None, :], t_valid, NUM_SELECTED, BLOCK_R, BLOCK_NS, BLOCK_N)
 
+
+@triton.jit
+def top_n_mask(score, eligible, forced, offs_j, NUM_SELECTED: tl.constexpr, BLOCK_NS: tl.constexpr):
+    """Which entries of the rows ``score [R, BLOCK_NS]`` (block ids ``offs_j [1, BLOCK_NS]``) are
+    chosen: the eligible forced blocks, then the best eligible scores (``>= 0``), ties to the
+    lowest id; ``NUM_SELECTED`` in all, or every eligible block when there are fewer.
+    Shared with the decode kernels (``decode.py``) so both select alike."""
     # One int64 key orders by score, then by lowest id (the reference's stable descending
     # sort): scores are >= 0, whose float bits order as integers, and -inf's bits are
     # negative. Each round is then a single max. CHOSEN is below every key.
     CHOSEN: tl.constexpr = -(2**63)
-    key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BLOCK_NS - 1 - offs_j[None, :]).to(tl.int64)
+    score = tl.where(eligible, score, float("-inf"))
+    key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BLOCK_NS - 1 - offs_j).to(tl.int64)
     # With n >= 3 every forced block is chosen (a row has three, or no other eligible
     # block), leaving n - 3 rounds; fewer slots go to the lowest forced ids (+inf ties).
     NUM_FORCED: tl.constexpr = 3 if NUM_SELECTED >= 3 else 0
     if NUM_FORCED:
         key = tl.where(eligible & forced, CHOSEN, key)
     else:
-        key = tl.where(eligible & forced, (0x7F800000 << 32) | (BLOCK_NS - 1 - offs_j[None, :]).to(tl.int64), key)
+        key = tl.where(eligible & forced, (0x7F800000 << 32) | (BLOCK_NS - 1 - offs_j).to(tl.int64), key)
     for _ in range(NUM_SELECTED - NUM_FORCED):
         # Keys are distinct, so the maximum names one entry; on an exhausted row it is
         # an ineligible one, which the final mask drops.
         best = tl.max(key, axis=1)
         key = tl.where(key == best[:, None], CHOSEN, key)
-    chosen = eligible & (key == CHOSEN)
+    return eligible & (key == CHOSEN)
 
-    out_rows = out_ptr + b * stride_ob + offs_t[:, None].to(tl.int64) * stride_ot + g * stride_og
+
+@triton.jit
+def store_chosen(out_rows, chosen, offs_j, row_ok, NUM_SELECTED: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_NS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Writes the ids of each row's ``chosen [BLOCK_R, BLOCK_NS]`` entries ascending from
+    ``out_rows [BLOCK_R, 1]``, then ``-1`` up to ``NUM_SELECTED`` (rows where ``row_ok``)."""
     position = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
-    tl.store(out_rows + position, offs_j[None, :] + tl.zeros([BLOCK_R, BLOCK_NS], tl.int32), mask=chosen)
+    tl.store(out_rows + position, offs_j + tl.zeros([BLOCK_R, BLOCK_NS], tl.int32), mask=chosen)
     count = tl.sum(chosen.to(tl.int32), axis=1)
     offs_n = tl.arange(0, BLOCK_N)[None, :]
-    padding = t_valid[:, None] & (offs_n >= count[:, None]) & (offs_n < NUM_SELECTED)
+    padding = row_ok[:, None] & (offs_n >= count[:, None]) & (offs_n < NUM_SELECTED)
     tl.store(out_rows + offs_n, tl.full([BLOCK_R, BLOCK_N], -1, tl.int32), mask=padding)
 
 

@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=8, help="samples per length and depth (MQAR: per length)")
     p.add_argument("--lm-samples", type=int, default=8, help="held-out windows for the loss")
     p.add_argument("--tasks", type=lambda s: s.split(","), default=list(TASKS), help="lm,passkey,mqar")
+    p.add_argument("--step", type=int, help="evaluate each run's checkpoint of this step (default: its latest), "
+                   "so that runs of different speeds are compared at equal tokens")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--corpus", help="the corpus prefix, where it is not the runs' data.path any more")
     return p
@@ -62,6 +64,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise RunError(f"--tasks: unknown {sorted(unknown)}; the tasks are {TASKS}")
     if any(n <= 0 for n in args.seq_lens or []) or not all(0 <= d <= 1 for d in args.depths):
         raise RunError("--seq-lens must be positive and --depths in [0, 1]")
+    if args.step is not None and args.step <= 0:
+        raise RunError(f"--step must be a positive training step, not {args.step}")
     if args.samples <= 0 or args.lm_samples <= 0:
         raise RunError("--samples and --lm-samples must be positive")
     names = [run.resolve().name for run in args.run]
@@ -71,17 +75,35 @@ def _check_args(args: argparse.Namespace) -> None:
         raise RunError("--device cuda: no CUDA device is visible")
 
 
+def _prepare(args: argparse.Namespace) -> dict[str, tuple]:
+    """Every run's directory, checkpoint, config, corpus and tasks, checked before any model is built."""
+    from ..train.tasks import Corpus, corpus_tasks
+    from .run import prepare_run
+
+    wanted = tuple(task for task in TASKS if task in args.tasks)
+    prepared = {}
+    for run in (r.resolve() for r in args.run):
+        checkpoint, config = prepare_run(run, corpus=args.corpus, step=args.step)
+        try:
+            tasks = corpus_tasks(Corpus(config.data.path), config.model.vocab_size, config.data.num_pairs, wanted)
+        except ValueError as err:
+            raise RunError(f"{checkpoint}/job.yaml: {err}") from None
+        shortest = max(task.min_seq_length() for task in tasks.values())
+        if args.seq_lens and min(args.seq_lens) < shortest:
+            raise RunError(f"--seq-lens: {min(args.seq_lens)} is shorter than the {shortest} tokens {wanted} need")
+        prepared[run.name] = (run, checkpoint, config, tasks)
+    return prepared
+
+
 def _evaluate(args: argparse.Namespace) -> dict:
     from megatron.core import parallel_state
 
     from ..train.model import init_model_parallel
-    from .run import load_model, prepare_run
-    from .score import EVAL_SEED
     from ..train.single_process import process_group
-    from ..train.tasks import Corpus, corpus_tasks
+    from .run import load_model
+    from .score import EVAL_SEED
 
-    prepared = {run.resolve().name: (run.resolve(), *prepare_run(run.resolve(), corpus=args.corpus))
-                for run in args.run}
+    prepared = _prepare(args)
     first = next(iter(prepared.values()))[2]
     seq_lens = args.seq_lens or [first.train.seq_length // 2, first.train.seq_length, 2 * first.train.seq_length]
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -90,12 +112,8 @@ def _evaluate(args: argparse.Namespace) -> dict:
     with process_group(device):
         init_model_parallel(first, device)
         try:
-            for name, (run, checkpoint, config) in prepared.items():
+            for name, (run, checkpoint, config, tasks) in prepared.items():
                 log.info("%s: %s (%s attention)", name, checkpoint, config.model.attention)
-                try:
-                    tasks = corpus_tasks(Corpus(config.data.path), config.model.vocab_size, config.data.num_pairs)
-                except ValueError as err:
-                    raise RunError(f"{checkpoint}/job.yaml: {err}") from None
                 model = load_model(checkpoint, config, device, max(seq_lens))
                 results[name] = _score(args, run, checkpoint, config, model, tasks, seq_lens, device)
                 del model
@@ -112,6 +130,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
 def _score(args, run: Path, checkpoint: Path, config, model, tasks: dict, seq_lens: list[int],
            device: torch.device) -> dict:
     from ..train.checkpoint import load_common
+    from .report import training_record
     from .score import heldout_bits_per_token, mqar_accuracy, passkey_accuracy
 
     t = config.train
@@ -122,19 +141,20 @@ def _score(args, run: Path, checkpoint: Path, config, model, tasks: dict, seq_le
               "trained_tokens": step * t.global_batch_size * t.seq_length,
               "model": vars(config.model), "nsa": vars(config.nsa) if config.model.attention == "nsa" else None,
               "data": {"path": config.data.path, "mix": dict(config.data.mix), "num_pairs": config.data.num_pairs},
-              "seed": t.seed}
+              "seed": t.seed, "training": training_record(run)}
     if "lm" in args.tasks:
         bits = heldout_bits_per_token(model, tasks["lm"], t.seq_length, args.lm_samples, device)
         log.info("%s: held-out loss %.4f bits per token at %d tokens", run.name, bits, t.seq_length)
         result["heldout"] = {"seq_length": t.seq_length, "samples": args.lm_samples, "bits_per_token": bits}
     if "passkey" in args.tasks:
+        accuracy, digits = passkey_accuracy(model, tasks["passkey"], seq_lens, args.depths, args.samples, device)
         result["passkey"] = {"samples": args.samples, "chance": 10.0 ** -tasks["passkey"].DIGITS,
-                             "accuracy": passkey_accuracy(model, tasks["passkey"], seq_lens, args.depths,
-                                                          args.samples, device)}
+                             "accuracy": accuracy, "answer_tokens": digits}
     if "mqar" in args.tasks:
-        accuracy, queries = mqar_accuracy(model, tasks["mqar"], seq_lens, args.depths, args.samples, device)
+        accuracy, queries, values = mqar_accuracy(model, tasks["mqar"], seq_lens, args.depths, args.samples,
+                                                  device)
         result["mqar"] = {"samples": args.samples, "chance": 1 / tasks["mqar"].num_ids, "accuracy": accuracy,
-                          "queries": queries}
+                          "queries": queries, "answer_tokens": values}
     return result
 
 
@@ -159,6 +179,11 @@ def write_outputs(result: dict, out: Path) -> list[Path]:
     written = [out / "eval.json", out / "summary.md"]
     written[0].write_text(json.dumps(result, indent=1) + "\n")
     written[1].write_text(report.markdown(result) + "\n")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # e.g. a bare GPU image: `nsa-eval --merge` draws them later where it is installed
+        log.warning("matplotlib is not installed: no PNGs (eval.json and summary.md are written)")
+        return written
     for task in ("passkey", "mqar"):
         if any(task in r for r in result["runs"].values()):
             written.append(plots.heat_maps(result["runs"], task, out / f"{task}.png"))

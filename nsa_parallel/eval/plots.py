@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..train.metrics import read_metrics
-
 
 def _pyplot():
     import matplotlib
@@ -41,20 +39,23 @@ def heat_maps(runs: dict[str, dict], task: str, path: Path) -> Path:
 
 
 def loss_curves(runs: dict[str, dict], path: Path) -> Path:
-    """Training loss against tokens seen, one line per run (from each run's ``metrics.jsonl``)."""
+    """Training losses against tokens seen, one line per run: the mean over all loss tokens, then one
+    panel per task of the mix (a step's samples of that task)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, result in runs.items():
-        metrics = Path(result["run"]) / "metrics.jsonl"
-        if not metrics.is_file():
-            continue
-        rows = read_metrics(metrics)
-        ax.plot([step * result["tokens_per_step"] for step in rows], [r["loss"] for r in rows.values()],
-                label=f"{name} ({result['attention']})", linewidth=1)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("training loss (nats per loss token)")
-    ax.set_yscale("log")
-    ax.legend()
+    names = sorted({name for r in runs.values() for name in r["training"]["curves"]}, key=lambda n: (n != "loss", n))
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(1 + 3.6 * max(len(names), 1), 3.4), squeeze=False)
+    for ax, curve in zip(axes[0], names):
+        for run, result in runs.items():
+            points = result["training"]["curves"].get(curve, [])
+            if points:
+                steps, losses = zip(*points)
+                ax.plot([step * result["tokens_per_step"] for step in steps], losses, linewidth=0.8,
+                        label=f"{run} ({result['attention']})")
+        ax.set_title("all loss tokens" if curve == "loss" else curve.removeprefix("loss/"), fontsize=9)
+        ax.set_xlabel("training tokens")
+        ax.set_yscale("log")
+    axes[0][0].set_ylabel("training loss (nats per loss token)")
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -18,26 +18,34 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def tokens_per_second(run: dict) -> float | None:
-    """The median training throughput of a run after its first steps, from its ``metrics.jsonl``."""
-    path = Path(run["run"]) / "metrics.jsonl"
+def training_record(run: Path) -> dict:
+    """The run's training losses by step (overall, and per task of a mix) and its median tokens/s after
+    the first steps, from its ``metrics.jsonl``; kept in ``eval.json`` so that plots and tables need no
+    run directory."""
+    path = run / "metrics.jsonl"
     if not path.is_file():
-        return None
+        return {"curves": {}, "tokens_per_s": None}
     rows = read_metrics(path)
     rates = [r["tokens_per_s"] for step, r in rows.items() if step > WARMUP_STEPS] or \
         [r["tokens_per_s"] for r in rows.values()]
-    return statistics.median(rates) if rates else None
+    names = sorted({key for r in rows.values() for key in r if key == "loss" or key.startswith("loss/")})
+    return {"curves": {name: [[step, r[name]] for step, r in rows.items() if name in r] for name in names},
+            "tokens_per_s": statistics.median(rates) if rates else None}
 
 
 def _grid(name: str, task: str, result: dict) -> list[str]:
     grid = result[task]["accuracy"]
     depths = list(next(iter(grid.values())))
     per_cell = "samples per cell" if task == "passkey" else "samples per length, queries binned by depth"
-    lines = [f"{name}, {task} accuracy ({result[task]['samples']} {per_cell}):", "",
-             "| length | " + " | ".join(f"depth {float(d):g}" for d in depths) + " | mean |",
-             "|---|" + "---|" * (len(depths) + 1)]
+    lines = [f"{name}, {task} accuracy ({result[task]['samples']} {per_cell}; answer tokens: per-token accuracy "
+             "and loss in nats over all depths):", "",
+             "| length | " + " | ".join(f"depth {float(d):g}" for d in depths) + " | mean | answer tokens |",
+             "|---|" + "---|" * (len(depths) + 2)]
     for length, row in grid.items():
-        lines.append(f"| {length} | " + " | ".join(_fmt(row[d]) for d in depths) + f" | {_fmt(_mean(row.values()))} |")
+        answer = result[task].get("answer_tokens", {}).get(length)
+        tokens = f"{answer['accuracy']:.2f} / {answer['nll']:.2f}" if answer else "-"
+        lines.append(f"| {length} | " + " | ".join(_fmt(row[d]) for d in depths)
+                     + f" | {_fmt(_mean(row.values()))} | {tokens} |")
     return lines + [""]
 
 
@@ -56,7 +64,7 @@ def markdown(result: dict) -> str:
                  _fmt(r.get("heldout", {}).get("bits_per_token"), 4)]
         for task in ("passkey", "mqar"):
             cells.append(_fmt(_mean(r[task]["accuracy"].get(trained, {}).values())) if task in r else "-")
-        rate = tokens_per_second(r)
+        rate = r["training"]["tokens_per_s"]
         cells.append("-" if rate is None else f"{rate:,.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")

@@ -14,7 +14,8 @@ from megatron.core.models.gpt import GPTModel
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from ..job_config import JobConfig, load_job_config
-from ..train.checkpoint import checkpoint_tensor_shapes, latest_checkpoint, load_checkpoint
+from ..train.checkpoint import checkpoint_tensor_shapes, load_checkpoint, verify_checkpoint
+from ..train.checkpoint_dirs import checkpoint_name, latest_name
 from ..train.model import build_model
 from ..train.optimizer import DIST_CKPT_METADATA
 from ..train.paths import RunPaths
@@ -23,17 +24,27 @@ from .errors import RunError
 JOB_YAML = "job.yaml"
 
 
-def find_checkpoint(run: Path) -> Path:
-    """The checkpoint ``run``'s ``latest`` names, with its ``job.yaml``."""
+def find_checkpoint(run: Path, step: int | None = None) -> Path:
+    """The checkpoint of ``step``, or the one ``run``'s ``latest`` names, with its ``job.yaml``."""
     if not run.is_dir():
         raise RunError(f"--run {run}: no such directory (a train.output_dir that nsa-train wrote)")
     root = RunPaths(run).checkpoints
-    try:
-        path = latest_checkpoint(root)
-    except RuntimeError as err:
-        raise RunError(str(err)) from None
-    if path is None:
+    if step is not None:
+        path = root / checkpoint_name(step)
+        if not (path / "metadata.json").is_file():
+            kept = sorted(p.name for p in root.glob("step_*") if (p / "metadata.json").is_file()) if root.is_dir() else []
+            raise RunError(f"--step {step}: {run} has no complete checkpoint {path.name} (it has {kept or 'none'})")
+        return _with_config(path)
+    name = latest_name(root) if root.is_dir() else None
+    if name is None:
         raise RunError(f"--run {run}: no checkpoint ({root}/latest does not exist)")
+    path = root / name
+    if not (path / "metadata.json").is_file():
+        raise RunError(f"{root}/latest names {path}, which is not a complete checkpoint")
+    return _with_config(path)
+
+
+def _with_config(path: Path) -> Path:
     if not (path / JOB_YAML).is_file():
         raise RunError(f"{path / JOB_YAML} is missing: the run's config is not known")
     return path
@@ -77,9 +88,10 @@ def _check_shapes(checkpoint: Path, model: GPTModel) -> None:
                            "(model.* or nsa.compress_block_size differ)")
 
 
-def prepare_run(run: Path, overrides: list[str] = (), corpus: str | None = None) -> tuple[Path, JobConfig]:
-    """The run's latest checkpoint and its config, checked without building anything."""
-    checkpoint = find_checkpoint(run)
+def prepare_run(run: Path, overrides: list[str] = (), corpus: str | None = None,
+                step: int | None = None) -> tuple[Path, JobConfig]:
+    """The run's checkpoint (``step``'s, else the latest) and its config, checked without building anything."""
+    checkpoint = find_checkpoint(run, step)
     config = run_config(checkpoint, [*overrides, *([f"data.path={corpus}"] if corpus else [])])
     path = config.data.path
     if path is None:
@@ -95,6 +107,9 @@ def prepare_run(run: Path, overrides: list[str] = (), corpus: str | None = None)
 def load_model(checkpoint: Path, config: JobConfig, device: torch.device, max_seq_length: int) -> GPTModel:
     """Builds the run's model on ``device`` (Megatron's parallel state set up for a world of one)
     and loads the checkpoint's weights into it."""
+    problem = verify_checkpoint(checkpoint)  # against the checksums nsa-train wrote beside it
+    if problem:
+        raise RunError(f"checkpoint {checkpoint} is damaged: {problem}")
     model = build_model(eval_config(config, device, max_seq_length), device)
     _check_shapes(checkpoint, model)
     try:

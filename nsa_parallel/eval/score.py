@@ -18,14 +18,31 @@ log = logging.getLogger(__name__)
 EVAL_SEED = 20260101  # not a training seed: held-out samples differ from any run's
 
 
-def _forward(model: torch.nn.Module, sample: dict[str, torch.Tensor], device: torch.device,
-             labels: bool = False) -> torch.Tensor:
+def _answers(model: torch.nn.Module, sample: dict[str, torch.Tensor], device: torch.device
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each answer token (``loss_mask``): whether the argmax is right, and its loss in nats."""
     tokens = sample["tokens"][None].to(device)
-    positions = torch.arange(tokens.shape[1], device=device)[None]
+    answer = (sample["loss_mask"] > 0).to(device)
     with torch.no_grad():
-        if labels:
-            return model(tokens, positions, None, labels=sample["labels"][None].to(device))[0].float().cpu()
-        return model(tokens, positions, None)[0].argmax(-1).cpu()
+        logits = model(tokens, torch.arange(tokens.shape[1], device=device)[None], None)[0][answer].float()
+    labels = sample["labels"].to(device)[answer]
+    nll = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    return (logits.argmax(-1) == labels).cpu(), nll.cpu()
+
+
+class AnswerTokens:
+    """Per-token accuracy and loss over a length's answers: progress that exact match does not show yet."""
+
+    def __init__(self):
+        self.right, self.nll, self.count = 0, 0.0, 0
+
+    def add(self, correct: torch.Tensor, nll: torch.Tensor) -> None:
+        self.right += int(correct.sum())
+        self.nll += float(nll.sum())
+        self.count += len(correct)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"accuracy": self.right / self.count, "nll": self.nll / self.count}
 
 
 def heldout_bits_per_token(model: torch.nn.Module, task: LanguageModelling, seq_length: int, num_samples: int,
@@ -33,8 +50,8 @@ def heldout_bits_per_token(model: torch.nn.Module, task: LanguageModelling, seq_
     """Mean loss over ``num_samples`` held-out windows, in bits per token (per byte for a byte corpus)."""
     total = 0.0
     for i in range(num_samples):
-        total += _forward(model, task.sample(seq_length, sample_generator(EVAL_SEED, i), "heldout"),
-                          device, labels=True).mean().item()
+        sample = task.sample(seq_length, sample_generator(EVAL_SEED, i), "heldout")
+        total += _answers(model, sample, device)[1].mean().item()  # every token is an answer here
     return total / num_samples / math.log(2)
 
 
@@ -43,40 +60,43 @@ def _nearest(depths: list[float], value: float) -> float:
 
 
 def passkey_accuracy(model: torch.nn.Module, task: Passkey, seq_lens: list[int], depths: list[float],
-                     num_samples: int, device: torch.device) -> dict[str, dict[str, float]]:
-    """``{length: {depth: fraction of keys retrieved whole}}``."""
-    result = {}
+                     num_samples: int, device: torch.device) -> tuple[dict, dict]:
+    """``{length: {depth: fraction of keys retrieved whole}}``, and per length the digits' accuracy and loss."""
+    result, tokens = {}, {}
     for length in seq_lens:
-        row = {}
+        row, digits = {}, AnswerTokens()
         for depth in depths:
             hits = 0
             for i in range(num_samples):
                 sample = task.sample(length, sample_generator(EVAL_SEED, i), "heldout", depth=depth)
-                answer = sample["loss_mask"] > 0
-                hits += bool((_forward(model, sample, device)[answer] == sample["labels"][answer]).all())
+                correct, nll = _answers(model, sample, device)
+                hits += bool(correct.all())
+                digits.add(correct, nll)
             row[str(depth)] = hits / num_samples
-        log.info("passkey at %d tokens: %s", length, row)
-        result[str(length)] = row
-    return result
+        result[str(length)], tokens[str(length)] = row, digits.as_dict()
+        log.info("passkey at %d tokens: %s; digits %s", length, row, tokens[str(length)])
+    return result, tokens
 
 
 def mqar_accuracy(model: torch.nn.Module, task: AssociativeRecall, seq_lens: list[int], depths: list[float],
-                  num_samples: int, device: torch.device) -> tuple[dict, dict]:
-    """``{length: {depth: fraction of values recalled}}`` and the number of queries behind each: a
-    query counts at the requested depth nearest to where its pair was."""
-    accuracy, counts = {}, {}
+                  num_samples: int, device: torch.device) -> tuple[dict, dict, dict]:
+    """``{length: {depth: fraction of values recalled}}``, the number of queries behind each (a query
+    counts at the requested depth nearest to where its pair was), and per length the answers' loss."""
+    accuracy, counts, tokens = {}, {}, {}
     for length in seq_lens:
         right = {d: 0 for d in depths}
         total = {d: 0 for d in depths}
+        values = AnswerTokens()
         for i in range(num_samples):
             sample = task.sample(length, sample_generator(EVAL_SEED, i), "heldout")
-            answer = sample["loss_mask"] > 0
-            correct = _forward(model, sample, device)[answer] == sample["labels"][answer]
-            for ok, where in zip(correct.tolist(), sample["answer_depth"][answer].tolist()):
+            correct, nll = _answers(model, sample, device)
+            values.add(correct, nll)
+            for ok, where in zip(correct.tolist(), sample["answer_depth"][sample["loss_mask"] > 0].tolist()):
                 bucket = _nearest(depths, where)
                 right[bucket] += ok
                 total[bucket] += 1
         accuracy[str(length)] = {str(d): right[d] / total[d] if total[d] else None for d in depths}
         counts[str(length)] = {str(d): total[d] for d in depths}
-        log.info("mqar at %d tokens: %s", length, accuracy[str(length)])
-    return accuracy, counts
+        tokens[str(length)] = values.as_dict()
+        log.info("mqar at %d tokens: %s; answers %s", length, accuracy[str(length)], tokens[str(length)])
+    return accuracy, counts, tokens

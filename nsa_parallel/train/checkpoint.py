@@ -1,17 +1,18 @@
-"""Atomic Megatron distributed checkpoints under ``<output_dir>/checkpoints``.
+"""Atomic, checksummed Megatron distributed checkpoints under ``<output_dir>/checkpoints``.
 
 ``step_00000100/`` is a ``megatron.core.dist_checkpointing`` directory; ``latest`` holds
 the name of the newest complete one. A checkpoint is written into
-``.tmp-step_00000100/``, renamed once every rank has finished, and only then named in
-``latest``: a write interrupted at any point leaves ``latest`` on the previous
-checkpoint, and the next run deletes the leftover. Older checkpoints beyond
-``train.keep_checkpoints`` are deleted after ``latest`` moves on.
+``.tmp-step_00000100/``; once every rank has finished, the ranks hash its files (each a
+share) into ``checksums.json``, and only then is it renamed and named in ``latest``: a
+write interrupted at any point leaves ``latest`` on the previous checkpoint, and the next
+run deletes the leftover. Older checkpoints beyond ``train.keep_checkpoints`` are deleted
+after ``latest`` moves on. Before loading, :func:`verify_checkpoint` compares every file
+with its checksum (see ``checkpoint_dirs`` for which checkpoint a run tries first).
 """
 from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,35 +29,11 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 from torch.distributed.checkpoint import FileSystemWriter
 
+from . import checksums
+from .checkpoint_dirs import LATEST, TMP_PREFIX, checkpoint_name, prune
 from .fault import maybe_crash
 
 log = logging.getLogger(__name__)
-
-LATEST = "latest"
-TMP_PREFIX = ".tmp-"
-_STEP_DIR = re.compile(r"step_(\d{8})")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The checkpoint ``latest`` names, or ``None`` before the first one."""
-    pointer = root / LATEST
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    if not (path / "metadata.json").is_file():
-        raise RuntimeError(f"{pointer} names {path}, which is not a complete checkpoint")
-    return path
-
-
-def remove_interrupted(root: Path) -> None:
-    """Deletes checkpoints whose writing never finished (rank 0, before any rank saves)."""
-    for leftover in root.glob(TMP_PREFIX + "*"):
-        log.warning("removing interrupted checkpoint %s", leftover)
-        shutil.rmtree(leftover)
 
 
 class _HostSaveStrategy(TorchDistSaveShardedStrategy):
@@ -95,10 +72,39 @@ def _write_atomically(path: Path, text: str) -> None:
         os.close(directory)
 
 
-def _prune(root: Path, keep: int) -> None:
-    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)))
-    for _, old in steps[:-keep]:
-        shutil.rmtree(old)
+def _broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _hash_shared(directory: Path, names: list[str]) -> dict[str, checksums.Digest | None]:
+    """Every file's digest on every rank; each rank reads a share of the files."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, checksums.hash_files(directory, names[rank::world]))
+    return {name: digest for part in parts for name, digest in part.items()}
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """All ranks: what is wrong with checkpoint ``path``, naming the file, or None when every file
+    matches its checksum. A checkpoint written before checksums existed passes with a warning."""
+    expected: dict | str | None = None
+    if dist.get_rank() == 0:
+        if not path.is_dir():
+            expected = f"{path} does not exist"
+        elif not (path / checksums.CHECKSUMS).exists() and (path / "metadata.json").is_file():
+            log.warning("%s has no %s (written before checksums): loading it unverified", path, checksums.CHECKSUMS)
+        else:
+            try:
+                expected = checksums.read_checksums(path)
+            except ValueError as err:
+                expected = str(err)
+    expected = _broadcast(expected)
+    if expected is None or isinstance(expected, str):
+        return expected
+    return checksums.first_mismatch(expected, _hash_shared(path, sorted(expected)))
 
 
 def save_checkpoint(root: Path, step: int, state: ShardedStateDict, keep: int, extra_files: dict[str, str]) -> Path:
@@ -116,11 +122,14 @@ def save_checkpoint(root: Path, step: int, state: ShardedStateDict, keep: int, e
     if rank0:
         for name, text in extra_files.items():
             (tmp / name).write_text(text)
+    digests = _hash_shared(tmp, _broadcast(checksums.checkpoint_files(tmp) if rank0 else None))
+    if rank0:
+        checksums.write_checksums(tmp, digests)
         if final.exists():  # left by a run that stopped before naming it in `latest`
             shutil.rmtree(final)
         tmp.rename(final)
         _write_atomically(root / LATEST, final.name + "\n")
-        _prune(root, keep)
+        prune(root, step, keep)
     dist.barrier()
     return final
 

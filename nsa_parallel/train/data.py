@@ -145,7 +145,8 @@ def step_microbatches(source: TokenSource, consumed_samples: int, config: JobCon
     ``consumed + (m * dp_size + d) * mbs + [0, mbs)``; each tensor is cut to this
     context-parallel rank's zigzag share of the sequence, ``position_ids`` included. With
     ``data.eod_token`` each micro-batch is one row of documents, each cut per rank on its own
-    (:func:`pack_documents`).
+    (:func:`pack_documents`). From a task mix, ``task`` holds each sample's task (its index in
+    the mix's ``names``).
     """
     mbs = config.train.micro_batch_size
     micro_batches = config.train.global_batch_size // (mbs * dp_size)
@@ -159,5 +160,7 @@ def step_microbatches(source: TokenSource, consumed_samples: int, config: JobCon
             batch = {key: zigzag_slice(value, cp_size, cp_rank) for key, value in batch.items()}
         else:
             batch = pack_documents(batch, config.data.eod_token, cp_size, cp_rank, config.nsa.select_block_size)
+        if isinstance(source, TaskMix):  # for the per-task losses in the metrics
+            batch["task"] = torch.tensor([source.names.index(source.task_of(i)) for i in range(first, first + mbs)])
         out.append({key: value.to(device, non_blocking=True) for key, value in batch.items()})
     return out

@@ -2,8 +2,11 @@
 
 Both sum each step's per-token losses, sum gradients over the data-parallel and
 context-parallel ranks, divide by the global number of loss tokens, clip by the norm
-over all model-parallel shards and step AdamW; biases and norm weights get no weight
-decay. Megatron's DDP and optimizer keep their buffers on CUDA, hence the CPU twin.
+over all model-parallel shards (every tensor- and pipeline-parallel rank) and step AdamW;
+biases and norm weights get no weight decay. Megatron's pipeline schedules finish the
+gradients themselves, calling the config's ``finalize_model_grads_func`` after the last
+backward pass: each optimizer installs its own there (Megatron's ``finalize_model_grads`` on
+GPUs). Megatron's DDP and optimizer keep their buffers on CUDA, hence the CPU twin.
 """
 from __future__ import annotations
 
@@ -50,7 +53,9 @@ class LocalAdamW:
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.clip_grad = train.clip_grad
         self.dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-        self.model_parallel_group = parallel_state.get_model_parallel_group()
+        self.pp_group = parallel_state.get_pipeline_model_parallel_group()
+        self.model_parallel_group = parallel_state.get_model_parallel_group()  # TP x PP
+        model.config.finalize_model_grads_func = self.finalize_grads
 
     def zero_grad(self) -> None:
         for p in self.params:  # zeros, not None: the flat all-reduce needs every gradient
@@ -59,8 +64,11 @@ class LocalAdamW:
             else:
                 p.grad.zero_()
 
-    def reduce_gradients(self, num_tokens: torch.Tensor) -> None:
-        """Sums gradients and ``num_tokens`` (in place) over DP x CP, then divides the gradients by it."""
+    def finalize_grads(self, model_chunks: list[torch.nn.Module], num_tokens: torch.Tensor, **kwargs: Any) -> None:
+        """Megatron's ``finalize_model_grads`` (its call): ``num_tokens``, counted by the last pipeline
+        stage, to every stage, then gradients and ``num_tokens`` (in place) summed over DP x CP and the
+        gradients divided by it."""
+        dist.broadcast(num_tokens, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=self.pp_group)
         dist.all_reduce(num_tokens, group=self.dp_cp_group)
         grads = [p.grad for p in self.params]
         flat = _flatten_dense_tensors(grads)
@@ -109,12 +117,14 @@ class MegatronAdamW:
         from megatron.core.distributed import (
             DistributedDataParallel,
             DistributedDataParallelConfig,
+            finalize_model_grads,
         )
         from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer
         from megatron.core.optimizer.optimizer_config import ParamWithNamePredicate
         from megatron.core.transformer.module import Float16Module
 
         config = model.config
+        config.finalize_model_grads_func = finalize_model_grads
         module = Float16Module(config, model) if config.bf16 else model
         self.module = DistributedDataParallel(
             config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True), module)
@@ -131,11 +141,6 @@ class MegatronAdamW:
     def zero_grad(self) -> None:
         self.module.zero_grad_buffer()
         self.optimizer.zero_grad()
-
-    def reduce_gradients(self, num_tokens: torch.Tensor) -> None:
-        from megatron.core.distributed import finalize_model_grads
-
-        finalize_model_grads([self.module], num_tokens=num_tokens)
 
     def step(self, lr: float) -> float:
         for group in self.optimizer.param_groups:

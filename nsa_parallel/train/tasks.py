@@ -105,9 +105,18 @@ class Passkey:
     """Passkey retrieval (Mohtashami & Jaggi 2023): a random 5-digit key stated once inside the
     corpus's text, at ``depth`` (0: the start of the text, 1: its end), and asked for at the end
     of the sequence. Text is UTF-8 bytes, so the corpus must be byte tokens. Only the key's
-    digits in the answer carry loss; ``answer_depth`` holds the depth at those positions."""
+    digits in the answer carry loss; ``answer_depth`` holds the depth at those positions.
+
+    Training samples (no ``depth``) put the needle at a distance from the end drawn log-uniformly
+    between ``MIN_DISTANCE`` tokens and the whole filler: every octave of distance is equally
+    common. With uniform depths a 16k-token sample would hold its needle within 64 tokens of the
+    question once in 250, and a model starting from diffuse attention gets almost no gradient
+    from a needle thousands of tokens back, so it never starts to retrieve (measured: see
+    benchmarks/RESULTS.md, Quality); near needles teach the circuit, far ones stretch it.
+    """
 
     DIGITS = 5
+    MIN_DISTANCE = 16
     NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
     QUESTION = "\nWhat is the pass key? The pass key is {key}"
 
@@ -132,7 +141,12 @@ class Passkey:
         key = str(10 ** (self.DIGITS - 1) + _uniform(g, 9 * 10 ** (self.DIGITS - 1)))
         u = torch.rand((), generator=g, dtype=torch.float64).item()
         filler = self.corpus.random_window(split, seq_length + 1 - self.overhead - self.DIGITS, g)
-        at = round((u if depth is None else depth) * len(filler))
+        if depth is None:
+            near = min(self.MIN_DISTANCE, len(filler))
+            distance = math.exp(math.log(max(near, 1)) + u * (math.log(max(len(filler), 1)) - math.log(max(near, 1))))
+            at = len(filler) - min(round(distance), len(filler))
+        else:
+            at = round(depth * len(filler))
         text = torch.cat([filler[:at], self._bytes(self.NEEDLE, key), filler[at:], self._bytes(self.QUESTION, key)])
         loss_mask = torch.zeros(seq_length)
         loss_mask[-self.DIGITS:] = 1.0  # the labels there are the answer's digits
