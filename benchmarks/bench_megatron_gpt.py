@@ -245,12 +245,24 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--json", help="write results here")
+    p.add_argument("--job-config", help="take the model's shape and the NSA settings from this nsa-train config")
     args = p.parse_args()
+    nsa = NSAConfig()
+    if args.job_config:
+        from nsa_parallel.job_config import load_job_config
+
+        job = load_job_config(args.job_config)
+        m = job.model
+        args.layers, args.hidden, args.heads, args.groups, args.vocab = (
+            m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.vocab_size)
+        if m.kv_channels != m.hidden_size // m.num_attention_heads or m.ffn_hidden_size != 4 * m.hidden_size:
+            p.error(f"--job-config {args.job_config}: this benchmark's GPT has kv_channels = hidden / heads and "
+                    "ffn_hidden_size = 4 x hidden")
+        nsa = job.nsa_config
     warnings.filterwarnings("ignore")  # Megatron's deprecation and apex/TE fallback notices
     torch.cuda.set_device(0)
     torch.distributed.init_process_group("nccl", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
     reset_parallel_state()
-    nsa = NSAConfig()
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "megatron_core": megatron_version, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
