@@ -8,15 +8,17 @@
     <= 1e-2 (the exit status is 1 otherwise), (2) with each model selecting its own blocks (top-n
     selection flips on near-ties), and (3) for Megatron's local attention spec, bf16 against
     float64, as a yardstick for what bf16 rounding alone costs the same model.
-(b) Speed: one training step (forward, backward, AdamW) in bf16 at ``--seq`` tokens, NSA spec
-    against Megatron's ``get_gpt_layer_local_spec`` (``DotProductAttention``, which builds the whole
-    score matrix; Transformer Engine's fused attention is not used). If the local spec runs out of
-    memory, the largest power-of-two length at which it fits is timed for both specs as well.
+(b) Speed: one training step (forward, backward, AdamW) in bf16 at each ``--seq``: the NSA spec
+    against the dense baseline, fused SDPA (cuDNN or flash, whichever is faster for the shape) in
+    Megatron's own self-attention (``get_gpt_layer_sdpa_spec``). Megatron's unfused local attention
+    (``get_gpt_layer_local_spec``, which builds the whole score matrix) is timed as well while it fits,
+    as a yardstick only.
 
 Single process: torch.distributed (NCCL, world size 1) and Megatron's parallel state are set up here.
 Prints markdown tables; ``--json`` writes the numbers with device, versions and date.
 
     python benchmarks/bench_megatron_gpt.py --json megatron_gpt.json
+    python benchmarks/bench_megatron_gpt.py --speed-only --seq 16384 32768 65536
 """
 from __future__ import annotations
 
@@ -43,10 +45,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nsa_parallel import NSAConfig, ops, reference
-from nsa_parallel.megatron import get_gpt_layer_nsa_spec
+from nsa_parallel.megatron import get_gpt_layer_nsa_spec, get_gpt_layer_sdpa_spec
 
 TOLERANCE = 1e-2  # issue 3: bf16 forward/backward within 1e-2 of the reference, norm-wise
-MIN_FALLBACK_SEQ = 1024
 
 
 def reset_parallel_state() -> None:
@@ -195,23 +196,40 @@ def try_train_step(spec: ModuleSpec, args: argparse.Namespace, seq: int) -> dict
         torch.cuda.empty_cache()
 
 
+NSA, SDPA, LOCAL = "NSA (Triton)", "full: SDPA in Megatron's self-attention", "Megatron local (unfused)"
+
+
 def speed(args: argparse.Namespace, nsa: NSAConfig) -> list[dict]:
+    """A training step at each ``--seq`` for NSA, the dense baseline (fused SDPA in Megatron's
+    ``core_attention``) and, while it fits, Megatron's unfused local attention as a yardstick."""
     specs: dict[str, Callable[[], ModuleSpec]] = {
-        "NSA (Triton)": lambda: get_gpt_layer_nsa_spec(nsa, backend="triton"),
-        "Megatron local (DotProductAttention)": get_gpt_layer_local_spec,
+        NSA: lambda: get_gpt_layer_nsa_spec(nsa, backend="triton"),
+        SDPA: get_gpt_layer_sdpa_spec,
+        LOCAL: get_gpt_layer_local_spec,
     }
-    rows = [{"attention": name, **try_train_step(make(), args, args.seq)} for name, make in specs.items()]
-    if rows[1].get("oom"):
-        seq = args.seq // 2
-        while seq >= MIN_FALLBACK_SEQ:
-            local = try_train_step(get_gpt_layer_local_spec(), args, seq)
-            if not local.get("oom"):
-                nsa_row = try_train_step(specs["NSA (Triton)"](), args, seq)
-                rows += [{"attention": "NSA (Triton)", **nsa_row, "fallback": True},
-                         {"attention": "Megatron local (DotProductAttention)", **local, "fallback": True}]
-                break
-            seq //= 2
+    rows, local_fits = [], True
+    for seq in args.seq:
+        for name, make in specs.items():
+            if name == LOCAL and not local_fits:
+                continue  # it ran out of memory at a shorter length
+            rows.append({"attention": name, **try_train_step(make(), args, seq)})
+            local_fits = local_fits and not (name == LOCAL and rows[-1].get("oom"))
     return rows
+
+
+def speed_table(rows: list[dict]) -> str:
+    dense = {row["seq"]: row for row in rows if row["attention"] == SDPA and not row.get("oom")}
+    lines = ["| attention | tokens | step (ms) | tokens/s | speed-up over SDPA | peak memory (GiB) |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        if row.get("oom"):
+            lines.append(f"| {row['attention']} | {row['seq']} | out of memory | - | - | - |")
+            continue
+        base = dense.get(row["seq"])
+        ratio = f"{base['ms'] / row['ms']:.2f}x" if base else "-"
+        lines.append(f"| {row['attention']} | {row['seq']} | {row['ms']:.1f} | {row['seq'] / row['ms'] * 1e3:,.0f} | "
+                     f"{ratio} | {row['peak_gib']:.1f} |")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -222,16 +240,29 @@ def main() -> int:
     p.add_argument("--groups", type=int, default=4, help="KV groups (num_query_groups)")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--check-seq", type=int, default=4096, help="tokens for the bf16 vs float64 check")
-    p.add_argument("--seq", type=int, default=32768, help="tokens for the timed training step")
+    p.add_argument("--seq", type=int, nargs="+", default=[16384, 32768], help="tokens for the timed training steps")
+    p.add_argument("--speed-only", action="store_true", help="skip the bf16 against float64 check")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--json", help="write results here")
+    p.add_argument("--job-config", help="take the model's shape and the NSA settings from this nsa-train config")
     args = p.parse_args()
+    nsa = NSAConfig()
+    if args.job_config:
+        from nsa_parallel.job_config import load_job_config
+
+        job = load_job_config(args.job_config)
+        m = job.model
+        args.layers, args.hidden, args.heads, args.groups, args.vocab = (
+            m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.vocab_size)
+        if m.kv_channels != m.hidden_size // m.num_attention_heads or m.ffn_hidden_size != 4 * m.hidden_size:
+            p.error(f"--job-config {args.job_config}: this benchmark's GPT has kv_channels = hidden / heads and "
+                    "ffn_hidden_size = 4 x hidden")
+        nsa = job.nsa_config
     warnings.filterwarnings("ignore")  # Megatron's deprecation and apex/TE fallback notices
     torch.cuda.set_device(0)
     torch.distributed.init_process_group("nccl", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
     reset_parallel_state()
-    nsa = NSAConfig()
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "megatron_core": megatron_version, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -241,6 +272,18 @@ def main() -> int:
           f"GPT: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, {args.groups} KV groups, "
           f"head dim {args.hidden // args.heads}, vocab {args.vocab}, batch 1, rope; {nsa}\n", flush=True)
 
+    passed = True
+    if not args.speed_only:
+        passed = check_accuracy(args, nsa, info)
+    steps = info["train_step"] = speed(args, nsa)
+    print("## One training step (forward, backward, AdamW), bf16, batch 1\n\n" + speed_table(steps), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(info, f, indent=1)
+    return 0 if passed else 1
+
+
+def check_accuracy(args: argparse.Namespace, nsa: NSAConfig, info: dict) -> bool:
     torch.manual_seed(0)
     rows = info["accuracy"] = accuracy(args, nsa)
     passed = rows[0]["logits_rel_err"] <= TOLERANCE and rows[0]["worst_grad_rel_err"] <= TOLERANCE
@@ -255,18 +298,7 @@ def main() -> int:
               f"({row['worst_grad']}) | {row['grads_over_tolerance']} of {len(row['grad_rel_err'])} | "
               f"{row['all_grads_rel_err']:.2e} |")
     print(f"\nIssue 3's check (first row, limit {TOLERANCE:.0e}): **{'PASS' if passed else 'FAIL'}**\n", flush=True)
-
-    steps = info["train_step"] = speed(args, nsa)
-    print("## One training step (forward, backward, AdamW), bf16, batch 1\n\n"
-          "| attention | tokens | step (ms) | peak memory (GiB) |\n|---|---|---|---|")
-    for row in steps:
-        note = " (largest power of two at which the local spec fits)" if row.get("fallback") else ""
-        cells = ("out of memory", "-") if row.get("oom") else (f"{row['ms']:.1f}", f"{row['peak_gib']:.1f}")
-        print(f"| {row['attention']} | {row['seq']}{note} | {cells[0]} | {cells[1]} |", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(info, f, indent=1)
-    return 0 if passed else 1
+    return passed
 
 
 if __name__ == "__main__":

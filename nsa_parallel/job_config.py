@@ -78,6 +78,10 @@ class TrainSection:
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
     recompute_modules: Optional[list[str]] = None
+    # A checkpoint (step_N directory) or run directory whose weights a new run starts from, with
+    # step 0 and a fresh optimizer (Megatron-LM's --pretrained-checkpoint --finetune); model.* and
+    # nsa.* as there, train.seq_length free (context extension). See nsa_parallel.train.init_from.
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -204,6 +208,8 @@ def validate(c: JobConfig) -> None:
     if lc.max_failures < 0:
         raise ValueError(f"launch.max_failures ({lc.max_failures}) must not be negative")
     _check_numbers(c)
+    if t.init_from is not None and not t.init_from.strip():
+        raise ValueError("train.init_from must be a checkpoint or run directory, or null")
     if t.loss_normalization not in LOSS_NORMALIZATIONS:
         raise ValueError(f"train.loss_normalization ({t.loss_normalization!r}) must be one of {LOSS_NORMALIZATIONS}")
     if t.loss_normalization == "sample" and c.data.eod_token is not None:

@@ -45,6 +45,9 @@ def _check_resume(config: JobConfig) -> None:
     # The workers verify checksums, and compare again should they fall back to an earlier checkpoint.
     checkpoint = resume_point(RunPaths(Path(config.train.output_dir)).checkpoints)
     if checkpoint is None:
+        if config.train.init_from:
+            from .init_from import check_init_from
+            log.info("starting from the weights of %s", check_init_from(config))
         return
     changed = check_resume_config(config, checkpoint)
     if changed and int(os.environ.get("RANK", "0")) == 0:
@@ -108,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         config.train.output_dir = str(Path(config.train.output_dir).resolve())
         if config.data.path is not None:
             config.data.path = str(Path(config.data.path).resolve())
+        if config.train.init_from:
+            config.train.init_from = str(Path(config.train.init_from).resolve())
         run = _prepare(config, args.no_ray)
     except ValueError as err:
         print(f"nsa-train: error: {err}", file=sys.stderr)

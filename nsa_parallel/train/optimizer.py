@@ -57,6 +57,9 @@ class LocalAdamW:
         self.model_parallel_group = parallel_state.get_model_parallel_group()  # TP x PP
         model.config.finalize_model_grads_func = self.finalize_grads
 
+    def reload_model_params(self) -> None:
+        """Nothing to do: the optimizer updates the model's own parameters."""
+
     def zero_grad(self) -> None:
         for p in self.params:  # zeros, not None: the flat all-reduce needs every gradient
             if p.grad is None:
@@ -160,6 +163,10 @@ class MegatronAdamW:
             if isinstance(adam, torch.optim.Adam | torch.optim.AdamW):
                 states += [(p, adam.state[p]) for group in adam.param_groups for p in group["params"]]
         return states
+
+    def reload_model_params(self) -> None:
+        """After weights were loaded into the model: its fp32 main weights from them."""
+        self.optimizer.reload_model_params()
 
     def sharded_state_dict(self, model_state: ShardedStateDict, is_loading: bool = False) -> dict[str, Any]:
         if is_loading:

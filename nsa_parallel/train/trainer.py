@@ -27,6 +27,7 @@ from .cpu_stand_ins import cpu_stand_ins
 from .data import RetrievalTask, step_microbatches, token_source
 from .errors import JobError
 from .fault import maybe_crash
+from .init_from import check_init_from
 from .metrics import MetricsWriter
 from .model import build_model, init_model_parallel
 from .optimizer import DIST_CKPT_METADATA, build_optimizer
@@ -130,6 +131,19 @@ def _resume(config: JobConfig, paths: RunPaths, model, optimizer,
         raise JobError(f"no checkpoint under {paths.checkpoints} verifies and loads:\n  " + "\n  ".join(problems)
                        + f"\nmove {paths.checkpoints} away to start afresh")
     return 0, 0, None
+
+
+def _init_weights(config: JobConfig, model, optimizer) -> None:
+    """A new run's weights from ``train.init_from`` (the optimizer's state and the step stay fresh)."""
+    path = check_init_from(config)
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise JobError(f"train.init_from: checkpoint {path} is damaged: {problem}")
+    loaded = load_checkpoint(path, {"model": model.sharded_state_dict(metadata=DIST_CKPT_METADATA)})
+    model.load_state_dict(loaded["model"])
+    optimizer.reload_model_params()
+    if dist.get_rank() == 0:
+        log.info("weights from %s (train.init_from); step, optimizer and schedule start afresh", path)
 
 
 def check_finite(step: int, loss: float, grad_norm: float, last_good: Path | None) -> None:
@@ -246,6 +260,8 @@ def train(config: JobConfig, device: torch.device) -> None:
         optimizer = build_optimizer(model, t, device)
         source = token_source(config, paths.data_cache)
         step, consumed, last_good = _resume(config, paths, model, optimizer, device)
+        if last_good is None and t.init_from:
+            _init_weights(config, model, optimizer)
         if rank0:
             log.info("%s attention, %.1fM parameters per model-parallel rank, parallel layout %s; steps %d to %d",
                      config.model.attention, sum(p.numel() for p in model.parameters()) / 1e6, _parallel_layout(),
