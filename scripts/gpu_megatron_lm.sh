@@ -57,7 +57,7 @@ fi
 model=(--transformer-impl local --num-layers 4 --hidden-size 1024 --num-attention-heads 8 --group-query-attention
        --num-query-groups 2 --kv-channels 128 --ffn-hidden-size 4096 --seq-length "$SEQ" --max-position-embeddings "$SEQ"
        --position-embedding-type rope
-       --attention-dropout 0 --attention-softmax-in-fp32  # NSA refuses Megatron-LM's defaults (0.1, off)
+       --attention-dropout 0  # NSA refuses Megatron-LM's default (0.1)
        --no-rope-fusion --no-persist-layer-norm --no-gradient-accumulation-fusion)  # each needs TE or apex
 train=(--micro-batch-size 1 --global-batch-size 4 --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 2
        --clip-grad 1.0 --weight-decay 0.1 --bf16 --use-distributed-optimizer --seed 1234

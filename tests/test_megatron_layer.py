@@ -182,7 +182,6 @@ def test_bad_spec_settings_raise_clear_errors():
     (dict(attention_dropout=0.1), {}, r"attention_dropout \(0.1\) must be 0"),
     (dict(window_size=(32, 0)), {}, r"window_size \(\(32, 0\)\) must be None"),
     (dict(apply_rope_fusion=True), {}, r"apply_rope_fusion \(True\) must be False"),
-    (dict(attention_softmax_in_fp32=False), {}, r"attention_softmax_in_fp32 \(False\) must be True"),
     (dict(rotary_interleaved=True), {}, r"rotary_interleaved \(True\) must be False"),
     (dict(softmax_type="off-by-one"), {}, r"softmax_type \('off-by-one'\) must be 'vanilla'"),
     (dict(qk_layernorm=True), {}, r"qk_layernorm \(True\) needs query/key norms in the layer spec"),
@@ -395,6 +394,17 @@ def test_softmax_scale_is_honoured():
             attn.linear_q.bias.mul_(q_factor)
         outs.append(attn(x, None)[0])
     assert_close(outs[0], outs[1], torch.float64, "softmax_scale")
+
+
+def test_softmax_in_fp32_either_way():
+    """attention_softmax_in_fp32=False (Megatron-LM's default) asks for no more than the input precision;
+    NSA's softmax is fp32 regardless, so the attention is the same, bit for bit."""
+    x = torch.randn(83, 2, 64)
+    outs = []
+    for in_fp32 in (True, False):
+        torch.manual_seed(0)
+        outs.append(_build_attention(tiny_config(attention_softmax_in_fp32=in_fp32))(x, None)[0])
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_init_method_and_perform_initialization_reach_phi():

@@ -52,7 +52,8 @@ def check_nsa_config(config: TransformerConfig, tp_size: int, submodules: NSASel
     Honoured elsewhere: ``softmax_scale`` (default ``1/sqrt(kv_channels)``), ``qk_layernorm`` (the spec's
     norms), ``init_method`` / ``perform_initialization`` / ``use_cpu_initialization`` (``phi`` too),
     ``add_bias_linear`` / ``add_qkv_bias``, ``sequence_parallel``, ``context_parallel_size``.
-    ``attention_softmax_in_fp32`` holds: NSA's kernels take every softmax in fp32.
+    ``attention_softmax_in_fp32``: NSA's kernels take every softmax in fp32, so False (Megatron-LM's
+    default, which asks for no more than the input precision) gets at least what it asks for.
     ``apply_query_key_layer_scaling`` only rescales scores that are unscaled again before the softmax,
     to keep fp16 in range, which fp32 softmax does not need: the attention is unchanged.
     """
@@ -74,8 +75,6 @@ def check_nsa_config(config: TransformerConfig, tp_size: int, submodules: NSASel
                 "attention probabilities")
     if config.window_size is not None:
         _refuse("window_size", config.window_size, "must be None: NSA's sliding window is NSAConfig.window_size")
-    if not config.attention_softmax_in_fp32:
-        _refuse("attention_softmax_in_fp32", False, "must be True: NSA takes every softmax in fp32")
     if config.softmax_type != "vanilla":
         _refuse("softmax_type", config.softmax_type, "must be 'vanilla': NSA's softmax has no offset")
     if config.rotary_interleaved:
