@@ -239,6 +239,7 @@ def nsa_core(
     kernel launches each). ``cp``: ``q`` etc. hold this rank's share of the sequence (of every
     document) and every rank of ``cp.group`` must call it. Returns ``[B, T, H, dv]``.
     """
+    ops.resolve_backend(backend, q)  # a backend that cannot run fails before any work
     if cp is not None:
         check_same_shape(q, cp.group)
     if documents is None:

@@ -97,6 +97,7 @@ class NativeSparseAttention(nn.Module):
         too, ``x`` holds this rank's ``cp_layout`` share of every document, back to back.
         """
         check_layout(cp_layout)
+        ops.resolve_backend(self.backend, x)  # before the projections: the backend may not take x
         cp = None if cp_group is None else ContextParallel(cp_group, cp_layout, self.comm_stats)
         if x.dim() != 3:
             raise ValueError(f"x must be [batch, seq, hidden], got shape {tuple(x.shape)}")

@@ -26,6 +26,10 @@ def resolve_backend(backend: str, like: torch.Tensor) -> str:
         raise ValueError(f"backend ({backend!r}) must be one of {BACKENDS}")
     if backend == "auto":
         return "triton" if like.is_cuda else "reference"
+    if backend == "triton" and not like.is_cuda and like.dtype == torch.bfloat16:
+        raise ValueError("backend 'triton' on the CPU (Triton's interpreter) cannot take bfloat16: the interpreter's "
+                         "tl.dot on bfloat16 is wrong (by ~1e9 in our tests); use float32 or float16, "
+                         "backend='reference', or a GPU")
     return backend
 
 

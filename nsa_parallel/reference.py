@@ -69,7 +69,8 @@ def masked_attention(
 
 
 def _query_chunks(seq_len: int):
-    for start in range(0, seq_len, QUERY_CHUNK):
+    # No queries still make one (empty) chunk: T = 0 gives an empty output, as the kernels do.
+    for start in range(0, max(seq_len, 1), QUERY_CHUNK):
         yield start, min(start + QUERY_CHUNK, seq_len)
 
 

@@ -85,6 +85,28 @@ def test_bad_layer_arguments(kwargs, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("backend, dtype", [("reference", torch.float64), ("triton", torch.float32),
+                                            ("triton", torch.float16)])  # float16: the TMA path on sm_90
+def test_no_tokens_give_an_empty_output_in_both_backends(backend, dtype):
+    m = layer(backend=backend).to(DEVICE, dtype)
+    x = torch.randn(2, 0, 64, device=DEVICE, dtype=dtype, requires_grad=True)
+    y = m(x)
+    assert y.shape == (2, 0, 64) and y.dtype == dtype
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter runs on the CPU only")
+def test_bfloat16_under_the_interpreter_is_refused_before_any_work():
+    m = layer(backend="triton").to(torch.bfloat16)
+    calls = []
+    m.q_proj.register_forward_pre_hook(lambda *a: calls.append(a))  # no projection, let alone a kernel
+    with pytest.raises(ValueError, match=r"backend 'triton' on the CPU \(Triton's interpreter\) cannot take "
+                                         r"bfloat16: the interpreter's tl.dot on bfloat16 is wrong"):
+        m(torch.randn(1, 40, 64, dtype=torch.bfloat16))
+    assert not calls
+
+
 @gpu
 def test_layer_on_gpu_at_paper_settings():
     """float32 on the GPU against float64 at the paper's block sizes (T spans 31 selection blocks),

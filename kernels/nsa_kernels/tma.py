@@ -17,12 +17,12 @@ MAX_BOX = 256  # the largest box edge a TMA copy takes
 
 def applies(*tensors: torch.Tensor) -> bool:
     """Whether every ``[B, N, heads, d]`` tensor can be tiled by TMA: 16-bit, contiguous,
-    16-byte aligned, ``d`` a power of two in [16, 256], on sm_90+ (or the interpreter)."""
+    16-byte aligned, non-empty, ``d`` a power of two in [16, 256], on sm_90+ (or the interpreter)."""
     if not ENABLED:
         return False
     for x in tensors:
         d = x.shape[-1]
-        if x.element_size() != 2 or not x.is_contiguous() or x.data_ptr() % 16:
+        if x.numel() == 0 or x.element_size() != 2 or not x.is_contiguous() or x.data_ptr() % 16:
             return False
         if d < 16 or d > MAX_BOX or d & (d - 1):
             return False

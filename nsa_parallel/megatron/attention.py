@@ -19,6 +19,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from .. import ops
 from ..core import KV, BranchKV, Bounds, token_positions
 from ..layer import NUM_BRANCHES
 from ..rotary import Rotary, rotary_angles
@@ -229,6 +230,7 @@ class NSASelfAttention(MegatronModule):
             raise NotImplementedError("NSASelfAttention does not support attention_bias")
         if any(t is not None for t in (rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin)):
             raise NotImplementedError("NSASelfAttention takes rotary_pos_emb, not precomputed rotary cos/sin")
+        ops.resolve_backend(getattr(self.core_attention, "backend", "auto"), hidden_states)  # before any projection
         seq = hidden_states.shape[0] * (self.tp_group.size() if self.config.sequence_parallel else 1)
         documents = self._documents(attention_mask, packed_seq_params, seq, hidden_states.shape[1])
 
