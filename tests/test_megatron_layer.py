@@ -187,6 +187,7 @@ def test_bad_spec_settings_raise_clear_errors():
     (dict(qk_layernorm=True), {}, r"qk_layernorm \(True\) needs query/key norms in the layer spec"),
     (dict(qk_l2_norm=True), {}, r"qk_l2_norm \(True\) must be False"),
     (dict(attention_output_gate=True), {}, r"attention_output_gate \(True\) must be False"),
+    (dict(flash_decode=True), {}, r"flash_decode \(True\) must be False"),
 ])
 def test_bad_attention_settings_fail_before_allocation(config_kw, params, match):
     # No layer of hidden size HUGE can be allocated: a ValueError means the check came first.
@@ -205,7 +206,7 @@ def test_unsupported_arguments_raise():
         attn(x, None, key_value_states=x)
     unsupported = {
         "packed_seq_params": dict(packed_seq_params=object()),
-        "inference_context": dict(inference_context=object()),
+        "sequence_len_offset comes only with Megatron's flash decode": dict(sequence_len_offset=torch.zeros(1)),
         "attention_bias": dict(attention_bias=torch.zeros(1)),
         "rotary_pos_emb, not precomputed": dict(rotary_pos_cos=torch.zeros(1), rotary_pos_sin=torch.zeros(1)),
         r"not a \(q, k\) pair": dict(rotary_pos_emb=(torch.zeros(40, 1, 1, 16),) * 2),

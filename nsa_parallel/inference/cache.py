@@ -72,6 +72,11 @@ class NSAKVCache:
         """Sequences held since the last prefill; ``None`` before one (or after ``reset()``)."""
         return None if self._host_lengths is None else len(self._host_lengths)
 
+    @property
+    def host_lengths(self) -> list[int] | None:
+        """Each held sequence's length as the host knows it (no device access); ``None`` before a prefill."""
+        return None if self._host_lengths is None else list(self._host_lengths)
+
     def reset(self) -> None:
         """Forgets every sequence; the next call must be ``prefill`` (storage is kept)."""
         self.lengths.zero_()

@@ -18,12 +18,14 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import deprecate_inference_params
 
 from .. import ops
 from ..core import KV, BranchKV, Bounds, token_positions
 from ..layer import NUM_BRANCHES
 from ..rotary import Rotary, rotary_angles
-from .documents import check_causal_shard_mask, mask_documents, packed_documents
+from .documents import check_causal_rows, mask_documents, packed_documents
+from .inference import cached_core_attention, static_step_offset
 
 
 @dataclass
@@ -90,6 +92,7 @@ def check_nsa_config(config: TransformerConfig, tp_size: int, submodules: NSASel
         ("qk_clip", "NSA's kernels do not return attention logits"),
         ("log_max_attention_logit", "NSA's kernels do not return attention logits"),
         ("attention_output_gate", "NSA has its own branch gates"),
+        ("flash_decode", "NSA generates with its own KV cache and decode kernels"),
     ):
         if getattr(config, field, False):
             _refuse(field, True, f"must be False: {why}")
@@ -110,7 +113,8 @@ class NSASelfAttention(MegatronModule):
     ``rotary_base``; attention is always causal. Documents: packed sequences (``packed_seq_params`` in
     ``thd`` format, ``[tokens, 1, hidden]``; under CP each rank holds its zigzag share of every
     document) or, without CP, a causal mask with document resets (Megatron-LM's
-    ``--reset-attention-mask``); each document is NSA on its own, positions from 0.
+    ``--reset-attention-mask``); each document is NSA on its own, positions from 0. Generation: with
+    Megatron's ``StaticInferenceContext`` each layer keeps an ``NSAKVCache`` in it (:mod:`.inference`).
     """
 
     def __init__(
@@ -166,7 +170,8 @@ class NSASelfAttention(MegatronModule):
         if cp is None:
             return mask_documents(attention_mask, seq, batch)
         if attention_mask is not None:
-            check_causal_shard_mask(attention_mask, token_positions(seq, cp=cp), seq * cp.world_size)
+            check_causal_rows(attention_mask, token_positions(seq, cp=cp), seq * cp.world_size,
+                              "under context parallelism")
         return None
 
     def _rotary(self, seq: int, documents: list[Bounds] | None, rotary_pos_emb: Any, device: torch.device,
@@ -224,15 +229,22 @@ class NSASelfAttention(MegatronModule):
         """``hidden_states [s, b, h]`` (``[s/tp, b, h]`` with sequence parallelism) -> ``(output, bias)``."""
         if key_value_states is not None:
             raise ValueError("NSASelfAttention is self-attention; key_value_states (cross attention) is not supported")
-        if inference_context is not None or inference_params is not None or sequence_len_offset is not None:
-            raise NotImplementedError("NSASelfAttention has no KV cache for inference (inference_context)")
+        inference_context = deprecate_inference_params(inference_context, inference_params)
+        if sequence_len_offset is not None:
+            raise NotImplementedError("sequence_len_offset comes only with Megatron's flash decode or CUDA graphs, "
+                                      "which NSA does not use: it reads the offset from inference_context")
         if attention_bias is not None:
             raise NotImplementedError("NSASelfAttention does not support attention_bias")
         if any(t is not None for t in (rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin)):
             raise NotImplementedError("NSASelfAttention takes rotary_pos_emb, not precomputed rotary cos/sin")
         ops.resolve_backend(getattr(self.core_attention, "backend", "auto"), hidden_states)  # before any projection
         seq = hidden_states.shape[0] * (self.tp_group.size() if self.config.sequence_parallel else 1)
-        documents = self._documents(attention_mask, packed_seq_params, seq, hidden_states.shape[1])
+        if inference_context is None:
+            offset, documents = 0, self._documents(attention_mask, packed_seq_params, seq, hidden_states.shape[1])
+        else:
+            needs_grad = torch.is_grad_enabled() and hidden_states.requires_grad
+            offset, documents = static_step_offset(inference_context, self.config, seq, hidden_states.shape[1],
+                                                   attention_mask, packed_seq_params, needs_grad), None
 
         q, _ = self.linear_q(hidden_states)  # column-parallel: gathers the sequence under SP
         kv, _ = self.linear_kv(hidden_states)
@@ -242,6 +254,11 @@ class NSASelfAttention(MegatronModule):
         kv = kv.view(seq, batch, self.groups_local, NUM_BRANCHES, 2 * dk)
         kv = BranchKV(*(KV(self.k_layernorm(kv[..., i, :dk]), kv[..., i, dk:]) for i in range(NUM_BRANCHES)))
         gate_logits = gate_logits.view(seq, batch, self.heads_local, NUM_BRANCHES)
-        rotary = self._rotary(seq, documents, rotary_pos_emb, q.device, packed_seq_params is not None)
-        out = self._core(q, kv, gate_logits, rotary, documents)
+        # In generation: positions 0 .. offset+seq-1, the cache's and this step's
+        rotary = self._rotary(offset + seq, documents, rotary_pos_emb, q.device, packed_seq_params is not None)
+        if inference_context is None:
+            out = self._core(q, kv, gate_logits, rotary, documents)
+        else:
+            out = cached_core_attention(inference_context, self.layer_number, self.core_attention, q, kv, gate_logits,
+                                        rotary)
         return self.linear_proj(out)  # row-parallel: reduce(-scatter under SP), bias returned apart

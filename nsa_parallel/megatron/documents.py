@@ -87,13 +87,14 @@ def mask_documents(attention_mask: torch.Tensor | None, seq: int, batch: int) ->
     return None if documents is None else documents * (batch // len(documents))
 
 
-def check_causal_shard_mask(attention_mask: torch.Tensor, positions: torch.Tensor, full: int) -> None:
-    """Under context parallelism Megatron slices the mask's query rows per rank: ``[..., seq, full]``,
-    row ``j`` that of global position ``positions[j]``. It must be causal, compared whole."""
+def check_causal_rows(attention_mask: torch.Tensor, positions: torch.Tensor, full: int, where: str) -> None:
+    """A mask of some query rows only, ``[..., seq, full]``, row ``j`` that of position ``positions[j]``
+    over keys ``0 .. full-1``: Megatron slices it so per rank under context parallelism (``where``
+    says so) and per step in generation. It must be causal, compared whole."""
     seq = positions.shape[0]
     if attention_mask.shape[-2:] != (seq, full):
-        raise ValueError(f"attention_mask under context parallelism must be [..., {seq}, {full}], "
-                         f"got shape {tuple(attention_mask.shape)}")
+        raise ValueError(f"attention_mask {where} must be [..., {seq}, {full}], got shape "
+                         f"{tuple(attention_mask.shape)}")
 
     def verdict() -> bool:
         rows = attention_mask.reshape(-1, seq, full)
@@ -101,6 +102,5 @@ def check_causal_shard_mask(attention_mask: torch.Tensor, positions: torch.Tenso
         return torch.equal(rows, causal.expand_as(rows))
 
     if not _cached(attention_mask, (seq, full), verdict):
-        raise NotImplementedError("NSASelfAttention under context parallelism is causal; attention_mask must "
-                                  "be None or causal (document resets, padding and custom masks are not "
-                                  "supported)")
+        raise NotImplementedError(f"NSASelfAttention {where} is causal; attention_mask must be None or causal "
+                                  "(document resets, padding and custom masks are not supported)")
