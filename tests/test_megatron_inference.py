@@ -83,6 +83,14 @@ def cached_logits(model, tokens: torch.Tensor, chunks: list[int], capacity: int 
     return torch.cat(outs, dim=1)
 
 
+def greedy_by_recomputing(model, prompt: torch.Tensor, new: int) -> torch.Tensor:
+    """The ``new`` tokens greedy decoding picks when every step reruns the whole sequence (no cache)."""
+    tokens = prompt
+    for _ in range(new):
+        tokens = torch.cat([tokens, whole_forward(model, tokens)[:, -1:].argmax(-1)], dim=1)
+    return tokens[:, prompt.shape[1]:]
+
+
 def worst_token_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Largest ``||out_t - ref_t|| / ||ref_t||`` over every sequence and token of ``[B, T, vocab]``."""
     return max(rel_err(o, r) for o, r in zip(out.flatten(0, 1), ref.flatten(0, 1)))
@@ -136,12 +144,7 @@ def test_greedy_generation_with_the_cache_picks_what_recomputing_picks():
     generated = [logits[:, -1].argmax(-1)]
     for i in range(new - 1):
         generated.append(step(model, ctx, generated[-1][:, None], prompt.shape[1] + i)[:, -1].argmax(-1))
-    cached = torch.stack(generated, dim=1)
-
-    tokens = prompt
-    for _ in range(new):
-        tokens = torch.cat([tokens, whole_forward(model, tokens)[:, -1:].argmax(-1)], dim=1)
-    assert torch.equal(cached, tokens[:, prompt.shape[1]:])
+    assert torch.equal(torch.stack(generated, dim=1), greedy_by_recomputing(model, prompt, new))
 
 
 class _CPUEvent:
@@ -207,10 +210,7 @@ def test_megatron_static_engine_generates_greedily(monkeypatch):
             InferenceMode.unset_active()  # 0.19's engine marks the process as generating for good
     assert isinstance(ctx.key_value_memory_dict[1], NSAKVCache)
     for prompt, result in zip(prompts, results):
-        tokens = prompt[None]
-        for _ in range(new):
-            tokens = torch.cat([tokens, whole_forward(model, tokens)[:, -1:].argmax(-1)], dim=1)
-        assert torch.equal(torch.as_tensor(result.generated_tokens), tokens[0, len(prompt):])
+        assert torch.equal(torch.as_tensor(result.generated_tokens), greedy_by_recomputing(model, prompt[None], new)[0])
 
 
 def test_causal_masks_accepted_others_refused():
@@ -225,7 +225,7 @@ def test_causal_masks_accepted_others_refused():
     for t in range(24, 30):
         outs.append(step(model, ctx, tokens[:, t:t + 1], t, attention_mask=full[..., t:t + 1, :t + 1]))
     assert torch.equal(torch.cat(outs, 1), ref)
-    hidden = full[..., 30 - 1:, :].clone()
+    hidden = full[..., 29:, :].clone()
     hidden[..., 3] = True
     ctx.sequence_len_offset = 29
     with pytest.raises(NotImplementedError, match="in generation is causal"):
@@ -235,6 +235,7 @@ def test_causal_masks_accepted_others_refused():
 
 
 def test_what_the_cache_cannot_serve_is_refused_by_name(monkeypatch):
+    """Each refusal names its field, before any projection; a refused step leaves the cache as it was."""
     torch.manual_seed(0)
     config = tiny_config()
     attn = _build_attention(config).eval()
@@ -277,6 +278,8 @@ def test_what_the_cache_cannot_serve_is_refused_by_name(monkeypatch):
     ctx.sequence_len_offset = 6
     with pytest.raises(ValueError, match=r"\(6\) and a batch of 1 do not continue"):
         run(ctx, x[:1, :1])
+    run(ctx, x[:1])  # the refused steps changed nothing
+    assert ctx.key_value_memory_dict[1].host_lengths == [7, 7]
     # set on the config the layer was built with (building it so needs a CP group, or TP > 1)
     for field, value, match in (("context_parallel_size", 2, r"context_parallel_size \(2\) must be 1 for generation"),
                                 ("sequence_parallel", True, r"sequence_parallel \(True\) must be False for "

@@ -25,8 +25,9 @@ def static_step_offset(context: Any, config: TransformerConfig, seq: int, batch:
     """The position of this step's first token (``sequence_len_offset``); raises, naming the field, for
     what NSA's cache cannot serve. Host-side only: call it before any projection."""
     if not context.is_static_batching():
-        raise NotImplementedError(f"NSASelfAttention generates with StaticInferenceContext only; {type(context).__name__} "
-                                  "(dynamic batching, DynamicInferenceContext) is not supported")
+        raise NotImplementedError("NSASelfAttention generates with StaticInferenceContext only; "
+                                  f"{type(context).__name__} (dynamic batching, DynamicInferenceContext) is not "
+                                  "supported")
     if config.context_parallel_size > 1:
         raise ValueError(f"context_parallel_size ({config.context_parallel_size}) must be 1 for generation: NSA's KV "
                          "cache holds whole sequences")
@@ -39,7 +40,8 @@ def static_step_offset(context: Any, config: TransformerConfig, seq: int, batch:
     if context.batch_size_offset:
         raise NotImplementedError(f"inference_context.batch_size_offset ({context.batch_size_offset}) must be 0: NSA's "
                                   "cache takes whole batches, not the micro-batches of pipeline-parallel generation "
-                                  "(inference_batch_times_seqlen_threshold=-1 keeps them whole)")
+                                  "(megatron-core 0.16 makes them past inference_batch_times_seqlen_threshold; "
+                                  "-1 keeps batches whole)")
     offset = context.sequence_len_offset
     if batch > context.max_batch_size:
         raise ValueError(f"batch ({batch}) must be at most inference_context.max_batch_size ({context.max_batch_size})")
