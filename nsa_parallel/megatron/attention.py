@@ -226,7 +226,9 @@ class NSASelfAttention(MegatronModule):
         *,
         inference_params: Any = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``hidden_states [s, b, h]`` (``[s/tp, b, h]`` with sequence parallelism) -> ``(output, bias)``."""
+        """``hidden_states [s, b, h]`` (``[s/tp, b, h]`` with sequence parallelism) -> ``(output, bias)``.
+        With a static ``inference_context`` (``inference_params``: its old name) the ``s`` tokens sit at
+        ``sequence_len_offset`` and attend to the layer's cache there too."""
         if key_value_states is not None:
             raise ValueError("NSASelfAttention is self-attention; key_value_states (cross attention) is not supported")
         inference_context = deprecate_inference_params(inference_context, inference_params)
