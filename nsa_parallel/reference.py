@@ -61,11 +61,21 @@ def masked_attention(
     visible = visible.expand(batch, num_heads, num_queries, k.shape[1])
     empty = ~visible.any(dim=-1, keepdim=True)
     first_key = torch.arange(k.shape[1], device=q.device) == 0
+    # A non-finite key or value must reach only the rows that see it: a masked score times it would
+    # still be 0 * inf = NaN. Attention runs on zeros in its place; the rows that see it become NaN.
+    bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # [B, S, G]
+    has_bad = bool(bad.any())
+    if has_bad:
+        k, v = k.masked_fill(bad[..., None], 0.0), v.masked_fill(bad[..., None], 0.0)
     with sdpa_kernel(SDPBackend.MATH) if q.dtype == torch.float64 else contextlib.nullcontext():
         out = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), expand_kv_heads(k, num_heads).transpose(1, 2),
             expand_kv_heads(v, num_heads).transpose(1, 2), attn_mask=visible | (empty & first_key), scale=scale)
-    return out.masked_fill(empty, 0.0).transpose(1, 2)
+    out = out.masked_fill(empty, 0.0)
+    if has_bad:
+        sees_bad = (visible & expand_kv_heads(bad[..., None], num_heads).permute(0, 2, 3, 1)).any(-1, keepdim=True)
+        out = out.masked_fill(sees_bad, float("nan"))
+    return out.transpose(1, 2)
 
 
 def _query_chunks(seq_len: int):

@@ -107,6 +107,25 @@ def test_bfloat16_under_the_interpreter_is_refused_before_any_work():
     assert not calls
 
 
+@pytest.mark.parametrize("backend", [
+    "reference",
+    pytest.param("triton", marks=pytest.mark.xfail(strict=True, reason="issue 21: the kernels still multiply a "
+                                                   "masked probability by a later non-finite value")),
+])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_token_never_reaches_earlier_outputs(backend, bad):
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    m = layer(backend=backend).to(DEVICE, dtype)
+    x = torch.randn(1, 90, 64, device=DEVICE, dtype=dtype)
+    clean = m(x)
+    for t in (0, 37, 89):  # the first token, one inside a selection block, the last
+        y = x.clone()
+        y[0, t, 5] = bad
+        out = m(y)
+        assert torch.equal(out[:, :t], clean[:, :t]), t
+        assert not torch.isfinite(out[0, t]).all(), "the bad token's own row shows it"
+
+
 @gpu
 def test_layer_on_gpu_at_paper_settings():
     """float32 on the GPU against float64 at the paper's block sizes (T spans 31 selection blocks),
