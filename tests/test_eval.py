@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("megatron.core")
 
@@ -65,9 +66,15 @@ def test_every_length_and_depth_is_scored_and_plotted(trained, tmp_path):
             assert all(0.0 <= value <= 1.0 for value in row.values()), row
         for answers in run[task]["answer_tokens"].values():
             assert 0.0 <= answers["accuracy"] <= 1.0 and answers["nll"] > 0
+    chosen = run["passkey"]["needle_chosen_by_layer"]  # NSA: per layer, did selection choose the needle
+    assert list(chosen) == [str(n) for n in LENGTHS]
+    for row in chosen.values():
+        assert list(row) == [str(d) for d in DEPTHS]
+        assert all(len(layers) == 2 and all(0.0 <= f <= 1.0 for f in layers) for layers in row.values()), row
     for name in ("passkey.png", "mqar.png", "loss_curves.png"):
         assert (tmp_path / "out" / name).read_bytes().startswith(PNG)
-    assert "| nsa | nsa |" in (tmp_path / "out" / "summary.md").read_text()
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| nsa | nsa |" in summary and "nsa, passkey: the needle among the answer rows' selected blocks" in summary
 
     # Evaluations made apart merge into one, evaluating nothing.
     other = json.loads((tmp_path / "out" / "eval.json").read_text())
@@ -117,6 +124,17 @@ def test_lengths_too_short_for_the_tasks(trained, tmp_path, capsys):
     assert cli.main(["--run", str(trained), "--out", str(tmp_path / "out"), "--seq-lens", "64,256"]) == 2
     assert "--seq-lens: 64 is shorter than the" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_needle_chosen_counts_rows_and_groups_per_layer():
+    from nsa_parallel.eval.selection import needle_chosen
+
+    # blocks of 4 tokens; the needle covers tokens 9..14: blocks 2 and 3
+    ids = torch.full((1, 6, 2, 3), -1, dtype=torch.int32)
+    ids[0, 4:, 0] = torch.tensor([0, 3, 5])  # rows 4 and 5, group 0: block 3 chosen
+    ids[0, 5, 1] = torch.tensor([1, 2, -1])  # row 5, group 1: block 2 chosen
+    other_layer = torch.zeros_like(ids)  # only block 0
+    assert needle_chosen([ids, other_layer], torch.tensor([4, 5]), range(9, 15), 4) == [0.75, 0.0]
 
 
 def test_step_without_a_checkpoint(trained, tmp_path, capsys):

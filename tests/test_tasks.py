@@ -68,6 +68,7 @@ def test_passkey_sits_at_the_requested_depth_and_only_its_digits_carry_loss(corp
     at = text.index(needle)
     assert at == round(depth * filler)  # the needle's start, measured in filler tokens before it
     assert torch.allclose(sample["answer_depth"][mask > 0], torch.tensor(at / filler))
+    assert task.needle_span(sample) == range(at, at + len(needle))  # what nsa-eval's selection check uses
 
 
 def test_mqar_pairs_spread_and_queries_at_the_end(corpus):

@@ -147,9 +147,13 @@ def _score(args, run: Path, checkpoint: Path, config, model, tasks: dict, seq_le
         log.info("%s: held-out loss %.4f bits per token at %d tokens", run.name, bits, t.seq_length)
         result["heldout"] = {"seq_length": t.seq_length, "samples": args.lm_samples, "bits_per_token": bits}
     if "passkey" in args.tasks:
-        accuracy, digits = passkey_accuracy(model, tasks["passkey"], seq_lens, args.depths, args.samples, device)
+        nsa = config.nsa.select_block_size if config.model.attention == "nsa" else None
+        accuracy, digits, chosen = passkey_accuracy(model, tasks["passkey"], seq_lens, args.depths, args.samples,
+                                                    device, nsa)
         result["passkey"] = {"samples": args.samples, "chance": 10.0 ** -tasks["passkey"].DIGITS,
                              "accuracy": accuracy, "answer_tokens": digits}
+        if chosen is not None:
+            result["passkey"]["needle_chosen_by_layer"] = chosen
     if "mqar" in args.tasks:
         accuracy, queries, values = mqar_accuracy(model, tasks["mqar"], seq_lens, args.depths, args.samples,
                                                   device)

@@ -49,6 +49,17 @@ def _grid(name: str, task: str, result: dict) -> list[str]:
     return lines + [""]
 
 
+def _needle_grid(name: str, result: dict) -> list[str]:
+    grid = result["passkey"]["needle_chosen_by_layer"]
+    depths = list(next(iter(grid.values())))
+    lines = [f"{name}, passkey: the needle among the answer rows' selected blocks (fraction of answer rows and KV "
+             "groups; the best layer, and the mean over layers):", "",
+             "| length | " + " | ".join(f"depth {float(d):g}" for d in depths) + " |", "|---|" + "---|" * len(depths)]
+    for length, row in grid.items():
+        lines.append(f"| {length} | " + " | ".join(f"{max(row[d]):.2f} / {_mean(row[d]):.2f}" for d in depths) + " |")
+    return lines + [""]
+
+
 def markdown(result: dict) -> str:
     runs = result["runs"]
     head = ("| run | attention | parameters | steps | training tokens | held-out bits/token | passkey | MQAR | "
@@ -72,4 +83,6 @@ def markdown(result: dict) -> str:
         for task in ("passkey", "mqar"):
             if task in r:
                 lines += _grid(name, task, r)
+        if "needle_chosen_by_layer" in r.get("passkey", {}):
+            lines += _needle_grid(name, r)
     return "\n".join(lines)

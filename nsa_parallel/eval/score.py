@@ -7,12 +7,14 @@ fixed by ``EVAL_SEED`` and their index, so every model sees the same ones.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
 import torch
 
 from ..train.tasks import AssociativeRecall, LanguageModelling, Passkey, sample_generator
+from .selection import needle_chosen, recorded_block_ids
 
 log = logging.getLogger(__name__)
 EVAL_SEED = 20260101  # not a training seed: held-out samples differ from any run's
@@ -60,22 +62,38 @@ def _nearest(depths: list[float], value: float) -> float:
 
 
 def passkey_accuracy(model: torch.nn.Module, task: Passkey, seq_lens: list[int], depths: list[float],
-                     num_samples: int, device: torch.device) -> tuple[dict, dict]:
-    """``{length: {depth: fraction of keys retrieved whole}}``, and per length the digits' accuracy and loss."""
-    result, tokens = {}, {}
+                     num_samples: int, device: torch.device, select_block_size: int | None = None
+                     ) -> tuple[dict, dict, dict | None]:
+    """``{length: {depth: fraction of keys retrieved whole}}``, per length the digits' accuracy and loss,
+    and for NSA (``select_block_size``) ``{length: {depth: per layer, how often the answer rows'
+    selection chose a block of the needle}}`` (else None)."""
+    result, tokens, chosen = {}, {}, {} if select_block_size else None
     for length in seq_lens:
-        row, digits = {}, AnswerTokens()
+        row, digits, chosen_row = {}, AnswerTokens(), {}
         for depth in depths:
-            hits = 0
+            hits, per_layer = 0, []
             for i in range(num_samples):
                 sample = task.sample(length, sample_generator(EVAL_SEED, i), "heldout", depth=depth)
-                correct, nll = _answers(model, sample, device)
+                with recorded_block_ids() if select_block_size else contextlib.nullcontext([]) as block_ids:
+                    correct, nll = _answers(model, sample, device)
                 hits += bool(correct.all())
                 digits.add(correct, nll)
+                if select_block_size:
+                    per_layer.append(needle_chosen(block_ids, _answer_rows(sample), task.needle_span(sample),
+                                                   select_block_size))
             row[str(depth)] = hits / num_samples
+            if select_block_size:
+                chosen_row[str(depth)] = [sum(layer) / num_samples for layer in zip(*per_layer)]
         result[str(length)], tokens[str(length)] = row, digits.as_dict()
+        if chosen is not None:
+            chosen[str(length)] = chosen_row
         log.info("passkey at %d tokens: %s; digits %s", length, row, tokens[str(length)])
-    return result, tokens
+    return result, tokens, chosen
+
+
+def _answer_rows(sample: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The positions whose next-token prediction is an answer token."""
+    return torch.nonzero(sample["loss_mask"] > 0).flatten()
 
 
 def mqar_accuracy(model: torch.nn.Module, task: AssociativeRecall, seq_lens: list[int], depths: list[float],

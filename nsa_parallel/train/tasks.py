@@ -154,6 +154,14 @@ class Passkey:
         return _with_labels(text, loss_mask, answer_depth)
 
 
+    def needle_span(self, sample: dict[str, torch.Tensor]) -> range:
+        """The positions of ``sample``'s needle sentence (from its ``answer_depth``)."""
+        filler = len(sample["tokens"]) + 1 - self.overhead - self.DIGITS
+        depth = float(sample["answer_depth"][sample["loss_mask"] > 0][0])
+        at = round(depth * max(filler, 1))
+        return range(at, at + len(self._bytes(self.NEEDLE, "0" * self.DIGITS)))
+
+
 class AssociativeRecall:
     """Multi-query associative recall (Zoology's MQAR, Arora et al. 2023) spread over a long context.
 
