@@ -1,5 +1,6 @@
 """Shared test set-up: Triton runs under its interpreter when there is no GPU."""
 import os
+import tempfile
 
 import torch
 
@@ -20,6 +21,19 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, tor
 KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 
 gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device; run on the device machine")
+
+
+@pytest.fixture(scope="module")
+def gloo_world_of_one():
+    """A gloo process group of this process alone (what Megatron's CPU code paths need), unless one exists."""
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+    yield
+    if owned:
+        dist.destroy_process_group()
 
 
 def dense_attention(q, k, v, visible, scale):

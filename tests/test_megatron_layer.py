@@ -1,5 +1,4 @@
 """NSA in Megatron-core at world size 1 (gloo, CPU): GPT training, equivalence with NativeSparseAttention, guards."""
-import tempfile
 import warnings
 
 import pytest
@@ -7,7 +6,6 @@ import torch
 
 megatron_core = pytest.importorskip("megatron.core")
 
-import torch.distributed as dist  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.models.gpt import GPTModel, gpt_layer_specs  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
@@ -45,17 +43,12 @@ def tiny_gpt(config: TransformerConfig, position_embedding_type: str = "none", s
 
 
 @pytest.fixture(scope="module", autouse=True)
-def model_parallel():
+def model_parallel(gloo_world_of_one):
     """gloo, world size 1, TP=1: what Megatron's linear layers need on the CPU."""
-    owned = not dist.is_initialized()
-    if owned:
-        dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
     parallel_state.initialize_model_parallel()
     warnings.filterwarnings("ignore", module="megatron")
     yield
     parallel_state.destroy_model_parallel()
-    if owned:
-        dist.destroy_process_group()
 
 
 def learnable_batch(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,27 +2,17 @@
 publication through `latest`, interrupted writes never picked up, checksums, fallback candidates, pruning."""
 import json
 
-import tempfile
-
 import pytest
 import torch
 
 pytest.importorskip("megatron.core")
 
-import torch.distributed as dist
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
 from nsa_parallel.train import checkpoint, checkpoint_dirs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def gloo_world_of_one():
-    owned = not dist.is_initialized()
-    if owned:
-        dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
-    yield
-    if owned:
-        dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("gloo_world_of_one")
 
 
 def _state(weight: torch.Tensor, step: int) -> dict:

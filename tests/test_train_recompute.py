@@ -11,7 +11,6 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-import torch.distributed as dist  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 
 from nsa_parallel.job_config import load_job_config  # noqa: E402
@@ -24,14 +23,7 @@ ONE = ["parallel.context_parallel_size=1", "launch.num_workers=1", "train.global
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def gloo_world_of_one():
-    owned = not dist.is_initialized()
-    if owned:
-        dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
-    yield
-    if owned:
-        dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("gloo_world_of_one")
 
 
 def _step(overrides: list[str], counted: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
